@@ -1,0 +1,181 @@
+"""Typed run configuration: a YAML recipe fills these dataclasses, `--set key=value` overrides them, and the
+resolved config is written beside every checkpoint. Unknown keys and wrong types are errors naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from calofm.geometry import PRETRAIN_DETECTORS
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"               # paper | small | tiny (see calofm.models.dit.PRESETS)
+    depth: int | None = None           # None: the preset's value
+    width: int | None = None
+    heads: int | None = None
+    mlp_dim: int | None = None
+    n_free_slots: int = 1              # F free one-hot slots for adaptation (K + F = 5 in the Par04 contract)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/synthetic"        # folder of LEMURS/CaloChallenge files, one file, or a Hub dataset repo id
+    detectors: list[str] = field(default_factory=lambda: list(PRETRAIN_DETECTORS))
+    max_per_detector: int | None = None  # use only the first N showers of each detector
+    chunk_size: int = 512              # showers read from HDF5 at once (streaming granularity)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_frac: float = 0.1           # WSD: linear warm-up ...
+    decay_frac: float = 0.4            # ... constant, then sqrt decay over the last decay_frac of the steps
+    ema_max: float = 0.999             # EMA decay ramps as 1 - (1 + step)^-ema_power, capped here
+    ema_power: float = 0.75
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"        # no | fp16 | bf16 (Accelerate)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    log_with: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""                  # EDM model folder or Hub repo id
+    n_boundaries: int = 32             # N of the Karras discretisation
+    mu: float = 0.95                   # target-network EMA
+    sample_steps: int = 1              # sampler default saved with the student
+
+
+@dataclass
+class AdaptConfig:
+    pretrained: str = ""               # pretrained folder holding edm/ and cd/ (or an EDM model)
+    detector: str = "fccee_allegro"
+    data: str = ""                     # file/folder/repo of the new detector's showers
+    mode: str = "full"                 # full | lora | conditioning
+    n_train: int | None = None
+    continue_slot: bool = False        # train an already-allocated slot again instead of refusing
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "adaLN"])
+    cd_steps: int | None = None        # stage 2 steps (default: train.steps)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/pretrain-tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Coerce/validate one value against a type hint; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`a.b=value` pairs; the value is parsed as YAML (so 3, 1e-4, true, [a, b] keep their types)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(path)!r} must be a mapping at top level")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from calofm.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
