@@ -1,0 +1,177 @@
+"""Multi-detector training stream: balanced across detectors, streamed from HDF5 in chunks, sharded by rank.
+
+The stream is a pure function of (seed, rank, world size, position): chunk order and in-chunk order are seeded
+permutations, so a resumed run skips to its position by index arithmetic alone, without reading what it skips,
+and every process reads only its own chunks. Accelerate is deliberately not asked to shard it: its
+IterableDataset sharding reads the whole batch on every process and slices it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from calofm.data.formats import ShowerFile, Showers, open_showers
+from calofm.data.transforms import Normalizer, encode_conditions
+from calofm.geometry import get_detector
+
+
+def find_detector_files(source: str | Path, detectors: list[str]) -> dict[str, Path]:
+    """Map each detector to its file: `<dir>/<detector>.h5`, else any file whose `detector` attribute matches.
+
+    `source` may be a folder, a single file (its `detector` attribute names it) or a Hub dataset repo id.
+    """
+    from calofm.data.sources import resolve
+
+    for name in detectors:
+        get_detector(name)
+    root = resolve(str(source))
+    files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix in (".h5", ".hdf5"))
+    found: dict[str, Path] = {}
+    for name in detectors:
+        exact = [p for p in files if p.stem == name]
+        if exact:
+            found[name] = exact[0]
+            continue
+        for p in files:
+            with open_showers(p) as f:
+                if f.detector == name:
+                    found[name] = p
+                    break
+        else:
+            raise FileNotFoundError(f"{root}: no shower file for detector {name!r} (looked for {name}.h5 and "
+                                    f"files whose 'detector' attribute is {name!r})")
+    return found
+
+
+def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, chunk_size: int = 1024) -> Normalizer:
+    """ONE scalar mean/std over all given detectors together, in one streaming pass."""
+
+    def chunks():
+        for path in files.values():
+            with open_showers(path) as f:
+                n = min(len(f), max_per_detector or len(f))
+                for start in range(0, n, chunk_size):
+                    yield f.read(start, min(start + chunk_size, n)).showers
+
+    return Normalizer.fit(chunks())
+
+
+@dataclass
+class _Cursor:
+    """Position in one detector's infinite, per-rank sample sequence: epochs of seeded chunk permutations."""
+
+    n: int
+    chunk_size: int
+    seed: int
+    rank: int
+    world: int
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        """This rank's sample indices for `epoch`, as a list of (chunk-local, shuffled) index arrays."""
+        n_chunks = -(-self.n // self.chunk_size)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n_chunks)
+        if n_chunks >= self.world:
+            mine = order[self.rank :: self.world]
+            idx = [np.arange(c * self.chunk_size, min((c + 1) * self.chunk_size, self.n)) for c in mine]
+        else:  # fewer chunks than processes: split samples instead so ranks stay disjoint
+            idx = [np.array_split(rng.permutation(self.n), self.world)[self.rank]]
+        return [rng.permutation(i) for i in idx]
+
+
+class ShowerStream(IterableDataset):
+    """Infinite stream of batches {x, cond, slot}: x normalised (B, 9, 16, 45), cond (B, 4 + n_slots)."""
+
+    def __init__(self, files: dict[str, Path], slot_map: dict[str, int], n_slots: int, normalizer: Normalizer,
+                 batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+                 chunk_size: int = 512, max_per_detector: int | None = None):
+        missing = [d for d in files if d not in slot_map]
+        if missing:
+            raise ValueError(f"detector {missing[0]!r} has no slot in the model's slot map {slot_map}")
+        self.files, self.slot_map, self.n_slots, self.normalizer = files, slot_map, n_slots, normalizer
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        self.start_batch, self.chunk_size = start_batch, chunk_size
+        self.names = list(files)
+        self.sizes = {}
+        for name, path in files.items():
+            with open_showers(path) as f:
+                self.sizes[name] = min(len(f), max_per_detector or len(f))
+            if self.sizes[name] == 0:
+                raise ValueError(f"{path}: no showers for detector {name!r}")
+
+    def counts(self, batch: int) -> list[int]:
+        """Showers per detector in batch number `batch`: an even split, the remainder rotating over detectors."""
+        k = len(self.names)
+        base, rem = divmod(self.batch_size, k)
+        return [base + ((d - batch) % k < rem) for d in range(k)]
+
+    def _samples(self, d: int, name: str, skip: int) -> Iterator[tuple[ShowerFile, np.ndarray]]:
+        """Yield (file, index-array) pieces of detector `name`'s sequence, starting `skip` samples in."""
+        cur = _Cursor(self.sizes[name], self.chunk_size, self.seed * 1000 + d, self.rank, self.world)
+        with open_showers(self.files[name]) as f:
+            epoch = 0
+            while True:
+                for idx in cur.epoch_plan(epoch):
+                    if skip >= len(idx):
+                        skip -= len(idx)
+                        continue
+                    yield f, idx[skip:]
+                    skip = 0
+                epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        consumed = np.zeros(len(self.names), dtype=np.int64)
+        for b in range(self.start_batch):
+            consumed += self.counts(b)
+        streams = [_Buffered(self._samples(d, n, int(consumed[d]))) for d, n in enumerate(self.names)]
+        batch = self.start_batch
+        while True:
+            counts = self.counts(batch)
+            mine = batch % n_workers == worker
+            parts = [s.take(c, read=mine) for s, c in zip(streams, counts)]
+            if mine:
+                yield self._collate(parts, counts)
+            batch += 1
+
+    def _collate(self, parts: list[Showers], counts: list[int]) -> dict[str, torch.Tensor]:
+        s = Showers.concat([p for p, c in zip(parts, counts) if c])
+        slots = np.concatenate([np.full(c, self.slot_map[n]) for n, c in zip(self.names, counts)])
+        x = torch.from_numpy(self.normalizer.forward(s.showers).astype(np.float32))
+        cond = encode_conditions(s.energy, s.theta, s.phi, torch.from_numpy(slots), self.n_slots)
+        return {"x": x, "cond": cond, "slot": torch.from_numpy(slots)}
+
+
+class _Buffered:
+    """Hands out `take(m)` samples in the shuffled order; a piece is read (once, as one block) only when needed."""
+
+    def __init__(self, pieces: Iterator[tuple[ShowerFile, np.ndarray]]):
+        self.pieces = pieces
+        self.f, self.idx, self.pos, self.data = None, np.empty(0, dtype=np.int64), 0, None
+
+    def take(self, m: int, read: bool = True) -> Showers | None:
+        out, need = [], m
+        while need > 0:
+            if self.pos == len(self.idx):
+                (self.f, self.idx), self.pos, self.data = next(self.pieces), 0, None
+            k = min(need, len(self.idx) - self.pos)
+            if read:
+                if self.data is None:
+                    self.data = _read_shuffled(self.f, self.idx)
+                out.append(self.data[self.pos : self.pos + k])
+            self.pos += k
+            need -= k
+        return Showers.concat(out) if out else None
+
+
+def _read_shuffled(f: ShowerFile, idx: np.ndarray) -> Showers:
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    block = f.read(lo, hi)  # one contiguous HDF5 read, then the shuffled order in memory
+    return block[idx - lo]

@@ -1,0 +1,76 @@
+"""Preprocessing shared by every detector: threshold, log, ONE scalar mean/std; and the condition encoding.
+
+One shared normalisation (not per detector) keeps the pretrained representation valid for a new detector: the
+adapted model sees its showers through the same frozen transform.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from calofm.geometry import EMAX_GLOBAL_MEV, THRESHOLD_MEV
+
+N_COND = 4  # E/Emax, theta/pi, sin phi, cos phi
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    mean: float
+    std: float
+    threshold_mev: float = THRESHOLD_MEV
+    eps: float = 1e-6
+
+    def forward(self, showers):
+        """MeV -> normalised log space; works on numpy arrays and torch tensors."""
+        lib = torch if isinstance(showers, torch.Tensor) else np
+        x = lib.where(showers < self.threshold_mev, 0.0 * showers, showers)
+        return (lib.log(x + self.eps) - self.mean) / self.std
+
+    def inverse(self, z):
+        """Normalised -> MeV; cells that come back under the threshold are zeroed (as Geant4 scoring would)."""
+        lib = torch if isinstance(z, torch.Tensor) else np
+        x = lib.exp(z * self.std + self.mean) - self.eps
+        return lib.where(x < self.threshold_mev, 0.0 * x, x)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalizer:
+        unknown = set(d) - {"mean", "std", "threshold_mev", "eps"}
+        if unknown:
+            raise ValueError(f"normalizer: unknown key {sorted(unknown)[0]!r}")
+        return cls(**d)
+
+    @classmethod
+    def fit(cls, chunks: Iterable[np.ndarray], threshold_mev: float = THRESHOLD_MEV, eps: float = 1e-6) -> Normalizer:
+        """Streaming pass over chunks of showers (all detectors together): exact float64 sums, no data in memory."""
+        n, s, s2 = 0, 0.0, 0.0
+        for chunk in chunks:
+            x = np.asarray(chunk, dtype=np.float64)
+            y = np.log(np.where(x < threshold_mev, 0.0, x) + eps)
+            n += y.size
+            s += y.sum()
+            s2 += np.square(y).sum()
+        if n == 0:
+            raise ValueError("normalizer: no showers to fit on")
+        mean = s / n
+        std = math.sqrt(max(s2 / n - mean * mean, 0.0))
+        return cls(mean=float(mean), std=float(std), threshold_mev=threshold_mev, eps=eps)
+
+
+def encode_conditions(energy_mev, theta, phi, slot, n_slots: int) -> torch.Tensor:
+    """[E/1 TeV, theta/pi, sin phi, cos phi, one-hot(slot)]: the model's condition vector, (B, 4 + n_slots)."""
+    e = torch.as_tensor(energy_mev, dtype=torch.float32).reshape(-1)
+    t = torch.as_tensor(theta, dtype=torch.float32).reshape(-1)
+    p = torch.as_tensor(phi, dtype=torch.float32).reshape(-1)
+    s = torch.as_tensor(slot, dtype=torch.long).reshape(-1).expand(e.shape[0])
+    if (s < 0).any() or (s >= n_slots).any():
+        raise ValueError(f"detector slot {s.max().item()} outside the model's {n_slots} one-hot slots")
+    onehot = torch.nn.functional.one_hot(s, n_slots).float()
+    return torch.cat([torch.stack([e / EMAX_GLOBAL_MEV, t / math.pi, torch.sin(p), torch.cos(p)], 1), onehot], 1)
