@@ -41,6 +41,24 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 SetOpt = typer.Option(None, "--set", help="Override a recipe key: dotted.key=value (repeatable).")
 
 
+@data_app.command("synth")
+def data_synth(
+    detector: str | None = typer.Option(None, "--detector", help="One detector (see calofm.geometry)."),
+    all_: bool = typer.Option(False, "--all", help="All five detectors."),
+    n: int = typer.Option(..., "--n", help="Showers per detector."),
+    seed: int = typer.Option(0, "--seed", help="Run seed; each detector's stream derives from it and its name."),
+    out: Path = typer.Option(..., "--out", help="Folder for <detector>.h5 (LEMURS format)."),
+) -> None:
+    """Synthesise GFlash-parametrised stand-in showers (not Geant4), one LEMURS file per detector."""
+    from calofm.data.synthetic import synthesize
+    from calofm.geometry import DETECTORS
+
+    if all_ == (detector is not None):
+        raise ValueError("give exactly one of --detector NAME or --all")
+    for path in synthesize(out, list(DETECTORS) if all_ else [detector], n, seed, progress=True):
+        typer.echo(f"wrote {path}")
+
+
 @data_app.command("inspect")
 def data_inspect(
     file: Path = typer.Argument(..., help="LEMURS or CaloChallenge dataset-2 HDF5 file."),
@@ -85,6 +103,58 @@ def pretrain(recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/
 
 
 @app.command()
+def distill(recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/distill-tiny.yaml"),
+            teacher: Optional[str] = typer.Option(None, "--teacher",
+                                                  help="EDM model folder or Hub repo id (overrides distill.teacher)."),
+            set_: Optional[list[str]] = SetOpt,
+            resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output_dir.")):
+    """Consistency distillation of an EDM model into a 1-step sampler (saves the target network)."""
+    from calofm.config import load_config
+    from calofm.train.distill import distill as run
+
+    cfg = load_config(recipe, set_)
+    if teacher is not None:
+        cfg.distill.teacher = teacher
+    out = run(cfg, resume=resume)
+    typer.echo(f"model saved to {out}")
+
+
+@app.command()
+def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. recipes/adapt-lora.yaml (optional)."),
+          pretrained: str | None = typer.Option(None, "--pretrained",
+                                                help="Folder holding edm/ and cd/, or an EDM model folder/repo id."),
+          pretrained_cd: str | None = typer.Option(None, "--pretrained-cd",
+                                                   help="Pretrained CD model, when --pretrained is an EDM model."),
+          detector: str | None = typer.Option(None, "--detector", help="The new detector's name."),
+          data: str | None = typer.Option(None, "--data", help="Its showers: file, folder or Hub dataset."),
+          mode: str | None = typer.Option(None, "--mode", help="full | lora | conditioning"),
+          n_train: int | None = typer.Option(None, "--n-train", help="Use the first N showers (default: all)."),
+          out: Path | None = typer.Option(None, "--out", help="Output folder (overrides output_dir)."),
+          set_: list[str] | None = SetOpt,
+          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted adaptation in its folder.")):
+    """Adapt a pretrained model to a new detector in a free slot: EDM fine-tuning, then CD distillation.
+
+    Options override the recipe. Without a recipe, output_dir is runs/adapt-DETECTOR-MODE and the learning rate
+    the mode's default (full 1e-4, lora and conditioning 1e-3)."""
+    from calofm.config import load_config
+    from calofm.train.adapt import adapt as run
+    from calofm.train.adapt import default_run
+
+    cfg = load_config(recipe, set_)
+    flags = {"pretrained": pretrained, "pretrained_cd": pretrained_cd, "detector": detector, "data": data,
+             "mode": mode, "n_train": n_train}
+    for key, value in flags.items():
+        if value is not None:
+            setattr(cfg.adapt, key, value)
+    if out is not None:
+        cfg.output_dir = str(out)
+    if recipe is None:
+        cfg = default_run(cfg, {s.split("=", 1)[0].strip() for s in set_ or []} | ({"output_dir"} if out else set()))
+    folder = run(cfg, resume=resume)
+    typer.echo(f"adapted models saved to {folder / 'edm'} (EDM) and {folder / 'cd'} (CD)")
+
+
+@app.command()
 def generate(model: str = typer.Option(..., "--model", help="Model folder or Hub repo id."),
              detector: str = typer.Option(..., "--detector", help="Detector name (must be in the model's slot map)."),
              n: int = typer.Option(1000, "--n", help="Number of showers (ignored with --conditions)."),
@@ -125,6 +195,71 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for da
 
     report = run_demo(out, quick=quick)
     typer.echo(f"demo report: {report}")
+
+
+# ------------------------------------------------------------------------------------------- export to Geant4
+
+
+@app.command("export")
+def export_cmd(model: str = typer.Argument(..., metavar="DIR",
+                                           help="Model folder, LoRA adapter folder (merged on export) or Hub repo id."),
+               fmt: str = typer.Option(..., "--format", help="onnx | torchscript"),
+               device: str = typer.Option("cpu", "--device", help="cpu | cuda: where the graph will run (ONNX: the "
+                                          "execution providers recorded); the graph itself runs on either."),
+               batch: int | None = typer.Option(None, "--batch", help="Fixed batch size (default 1: the Par04 contract)."),
+               dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="A free batch axis instead."),
+               steps: int | None = typer.Option(None, "--steps", help="Sampler steps unrolled into the graph "
+                                                "(default: CD 1, EDM the model's)."),
+               new_detector: str | None = typer.Option(None, "--new-detector", help="Adapted detector for the "
+                                                       "contract's 'new' slot, when the model has several."),
+               out: Path = typer.Option(..., "--out", help="File to write; its contract JSON goes to OUT.json.")):
+    """Export one graph with Geant4's Par04 contract: (B, 8) [E GeV, phi, theta, one-hot(5)] -> (B, 6480) GeV."""
+    import warnings
+
+    from calofm.export import export, sidecar_path
+
+    if batch is not None and dynamic_batch:
+        raise ValueError("--batch and --dynamic-batch exclude each other")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        path = export(model, out, fmt, device=device, batch=batch or 1, dynamic_batch=dynamic_batch, steps=steps,
+                      new_detector=new_detector)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+    typer.echo(f"wrote {path} ({fmt}, device {device}) and its contract {sidecar_path(path)}")
+
+
+# ------------------------------------------------------------------------------------------- sharing on the Hub
+
+
+@app.command("push")
+def push(model_dir: Path = typer.Argument(..., metavar="DIR", help="Saved model folder (config.json + model.safetensors)."),
+         repo_id: str = typer.Option(..., "--repo-id", help="Hub model repo OWNER/NAME (created if missing)."),
+         private: bool = typer.Option(False, "--private", help="Create the repo private."),
+         revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
+         metrics: Path | None = typer.Option(None, "--metrics",
+                                                help="metrics.json to show in the card (default: DIR/metrics.json)."),
+         keep_card: bool = typer.Option(False, "--keep-card", help="Upload DIR/README.md as is, not re-rendered.")):
+    """Upload a model folder to the Hugging Face Hub with its model card (token: HF_TOKEN or `hf auth login`)."""
+    from calofm.hub import push_model
+
+    url = push_model(model_dir, repo_id, private=private or None, revision=revision, metrics=metrics,
+                     keep_card=keep_card)
+    typer.echo(f"pushed {model_dir} to {repo_id}: {url}")
+
+
+@data_app.command("push")
+def data_push(data_dir: Path = typer.Argument(..., metavar="DIR", help="Folder of shower files (<detector>.h5)."),
+              repo_id: str = typer.Option(..., "--repo-id", help="Hub dataset repo OWNER/NAME (created if missing)."),
+              private: bool = typer.Option(False, "--private", help="Create the repo private."),
+              revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
+              license: str = typer.Option("cc-by-4.0", "--license", help="License id for the dataset card.")):
+    """Share a folder of shower files as a Hub dataset with a dataset card; train on it with data.dir=OWNER/NAME."""
+    from calofm.hub import push_dataset
+
+    url = push_dataset(data_dir, repo_id, private=private or None, revision=revision, license=license)
+    typer.echo(f"pushed {data_dir} to dataset {repo_id}: {url}")
 
 
 def main() -> None:  # `python -m calofm.cli`

@@ -70,6 +70,7 @@ class DistillConfig:
 @dataclass
 class AdaptConfig:
     pretrained: str = ""               # pretrained folder holding edm/ and cd/ (or an EDM model)
+    pretrained_cd: str = ""            # the pretrained CD model, when `pretrained` is an EDM model (else none)
     detector: str = "fccee_allegro"
     data: str = ""                     # file/folder/repo of the new detector's showers
     mode: str = "full"                 # full | lora | conditioning
@@ -79,7 +80,7 @@ class AdaptConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "adaLN"])
-    cd_steps: int | None = None        # stage 2 steps (default: train.steps)
+    cd_steps: int | None = None        # stage 2 steps (default: train.steps; 0: EDM stage only)
 
 
 @dataclass
@@ -120,8 +121,11 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
@@ -134,7 +138,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; valid keys: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys: {', '.join(sorted(names))}")
     kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 

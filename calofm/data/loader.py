@@ -133,13 +133,17 @@ class ShowerStream(IterableDataset):
             consumed += self.counts(b)
         streams = [_Buffered(self._samples(d, n, int(consumed[d]))) for d, n in enumerate(self.names)]
         batch = self.start_batch
-        while True:
-            counts = self.counts(batch)
-            mine = batch % n_workers == worker
-            parts = [s.take(c, read=mine) for s, c in zip(streams, counts)]
-            if mine:
-                yield self._collate(parts, counts)
-            batch += 1
+        try:
+            while True:
+                counts = self.counts(batch)
+                mine = batch % n_workers == worker
+                parts = [s.take(c, read=mine) for s, c in zip(streams, counts)]
+                if mine:
+                    yield self._collate(parts, counts)
+                batch += 1
+        finally:  # close the HDF5 files now, not at interpreter shutdown
+            for s in streams:
+                s.pieces.close()
 
     def _collate(self, parts: list[Showers], counts: list[int]) -> dict[str, torch.Tensor]:
         s = Showers.concat([p for p, c in zip(parts, counts) if c])

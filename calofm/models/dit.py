@@ -8,6 +8,8 @@ sampler defaults, all saved in config.json by PyTorchModelHubMixin.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
 import torch
@@ -187,6 +189,17 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
     def conditioning_parameter_names(self) -> list[str]:
         """The condition embedding and adaLN modulation: what `conditioning`-only adaptation trains."""
         return [n for n, _ in self.named_parameters() if n.startswith(("t_embed", "cond_embed")) or ".adaLN." in n]
+
+    def generate_model_card(self, *args, **kwargs):
+        """Our card template, so save_pretrained / push_to_hub write it."""
+        from calofm.hub import model_card
+
+        return model_card(self, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, **kwargs):
+        with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints on every local load
+            return super()._from_pretrained(**kwargs)
 
     # Weights load from safetensors only, and strictly: a missing or unexpected key is an error.
     @classmethod

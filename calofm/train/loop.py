@@ -127,7 +127,7 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
         if state.step % t.log_every == 0 or state.step == t.steps:
             rate = seen / (time.perf_counter() - tic)
             row = {"step": state.step, "loss": accelerator.gather(loss.detach()).mean().item(),
-                   "lr": sched.get_last_lr()[0], "showers_per_s": rate}
+                   "lr": sched.get_last_lr()[0], "showers_per_s": rate, "processes": accelerator.num_processes}
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", showers_s=f"{rate:.0f}")
             if log is not None:
                 log.write(json.dumps(row) + "\n")
@@ -139,6 +139,7 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
             save_checkpoint(accelerator, out, state.step, t.keep_checkpoints)
     bar.close()
+    del batches  # closes the stream's files while the interpreter is still whole
     if log is not None:
         log.close()
     if t.log_with:

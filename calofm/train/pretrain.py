@@ -10,6 +10,7 @@ from torch import nn
 
 from calofm.config import ModelConfig, RunConfig
 from calofm.data.loader import find_detector_files, fit_normalizer
+from calofm.data.sources import canonical_source
 from calofm.diffusion import denoiser
 from calofm.diffusion.edm import EDMParams, edm_loss
 from calofm.geometry import default_slot_map
@@ -49,7 +50,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     model = build_model(cfg.model, n_slots=len(slot_map) + cfg.model.n_free_slots, slot_map=slot_map,
                         normalizer=normalizer.to_dict(), objective="edm", sampler=EDM_SAMPLER,
                         provenance={"stage": "pretrain", "detectors": list(slot_map), "steps": cfg.train.steps,
-                                    "data": str(cfg.data.dir)})
+                                    "data": canonical_source(cfg.data.dir)})
     if resume and latest_checkpoint(cfg.output_dir) is None:
         accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
     ema = train(cfg, model, EDMObjective(), files, normalizer, accelerator=accelerator, resume=resume,

@@ -1,0 +1,1 @@
+"""Shower data: HDF5 formats, the synthetic stand-in generator, preprocessing and the multi-detector loader."""

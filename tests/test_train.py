@@ -1,0 +1,121 @@
+"""Pretraining end to end: the loss falls, a killed run resumes bit for bit, two CPU processes share the data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calofm.models.dit import CaloDiT
+from calofm.train.schedule import wsd
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "calofm.cli", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def pretrain_args(data_dir, out, steps=40, every=5):
+    return ["pretrain", "recipes/pretrain-tiny.yaml", "--set", f"data.dir={data_dir}", "--set", f"output_dir={out}",
+            "--set", f"train.steps={steps}", "--set", "train.batch_size=8", "--set", f"train.checkpoint_every={every}",
+            "--set", "train.log_every=1"]
+
+
+def test_wsd_schedule_shape():
+    lr = [wsd(s, 100) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0  # 10% linear warm-up
+    assert all(v == 1.0 for v in lr[10:60]) and lr[60] < 1  # 50% constant
+    assert lr[99] == 0.0 and all(a >= b for a, b in zip(lr[60:], lr[61:]))  # 40% sqrt decay to 0
+    assert lr[80] == pytest.approx(1 - (20 / 40) ** 0.5, abs=0.03)
+
+
+def test_loss_falls_and_model_is_saved(tiny_edm):
+    rows = [json.loads(r) for r in (tiny_edm.parent / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 40
+    first = sum(r["loss"] for r in rows[:8]) / 8
+    last = sum(r["loss"] for r in rows[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    model = CaloDiT.from_pretrained(tiny_edm)
+    assert model.objective == "edm" and model.sampler["steps"] == 32
+    assert model.slot_map == {"par04_siw": 0, "par04_scipb": 1, "odd": 2, "fccee_cld": 3} and model.n_slots == 5
+    assert set(model.normalizer) == {"mean", "std", "threshold_mev", "eps"}
+    assert (tiny_edm.parent / "config.yaml").exists()
+
+
+def test_killed_run_resumes_to_identical_weights(data_dir, tmp_path):
+    reference = cli(*pretrain_args(data_dir, tmp_path / "a"))
+    killed = cli(*pretrain_args(data_dir, tmp_path / "b"))
+    ckpt = tmp_path / "b" / "checkpoints" / "step_0000010"
+    deadline = time.time() + 120
+    while not ckpt.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert killed.poll() is None, "run finished before it could be killed: " + killed.stdout.read()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "b" / "model").exists()
+    # without --resume the run refuses to overwrite the checkpoints
+    refused = cli(*pretrain_args(data_dir, tmp_path / "b"))
+    assert refused.wait() == 2 and "pass --resume" in refused.stdout.read()
+    resumed = cli(*pretrain_args(data_dir, tmp_path / "b"), "--resume")
+    out = resumed.communicate()[0]
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    assert reference.wait() == 0
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+RANK_PROBE = """
+import json, sys
+from calofm.config import load_config
+from calofm.data.loader import ShowerStream, find_detector_files
+from calofm.data.transforms import Normalizer
+from calofm.geometry import default_slot_map
+from calofm.train.loop import make_accelerator
+cfg = load_config(None, ["data.dir=" + sys.argv[1]])
+acc = make_accelerator(cfg)
+files = find_detector_files(cfg.data.dir, cfg.data.detectors)
+s = ShowerStream(files, default_slot_map(cfg.data.detectors), 5, Normalizer(0.0, 1.0), 8, chunk_size=25,
+                 rank=acc.process_index, world_size=acc.num_processes)
+it = iter(s)
+energies = [float(e) for _ in range(10) for e in next(it)["cond"][:, 0]]
+json.dump({"n": acc.num_processes, "rank": acc.process_index, "e": energies},
+          open(sys.argv[2] + f"/rank{acc.process_index}.json", "w"))
+it.close()
+"""
+
+
+def torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_cpu_processes_see_different_data(data_dir, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(RANK_PROBE)
+    r = torchrun(str(probe), str(data_dir), str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [x["n"] for x in ranks] == [2, 2] and [x["rank"] for x in ranks] == [0, 1]
+    assert not set(ranks[0]["e"]) & set(ranks[1]["e"])
+
+
+def test_pretrain_under_torchrun(data_dir, tmp_path):
+    r = torchrun("-m", "calofm.cli", *pretrain_args(data_dir, tmp_path / "ddp", steps=6, every=3))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(row["processes"] == 2 for row in rows)
+    assert CaloDiT.from_pretrained(tmp_path / "ddp" / "model").slot_map["odd"] == 2
