@@ -3,32 +3,33 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 _DEBUG = {"on": bool(os.environ.get("CALOFM_DEBUG"))}
 
 
-class _App(typer.Typer):
+class _Group(TyperGroup):
     """Errors are one line naming the file, key or value; `--debug` (or CALOFM_DEBUG=1) shows the traceback."""
 
-    def __call__(self, *args, **kwargs):
+    def invoke(self, ctx):
         try:
-            return super().__call__(*args, **kwargs)
+            return super().invoke(ctx)
         except (ValueError, KeyError, OSError, RuntimeError, ImportError) as e:
             if _DEBUG["on"]:
                 raise
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             typer.echo(f"error: {msg}", err=True)
-            sys.exit(2)
+            raise typer.Exit(2) from None
 
 
-app = _App(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-           help="Foundation models of calorimeter showers: pretrain, distill, adapt, generate, evaluate, export.")
-data_app = _App(add_completion=False, no_args_is_help=True, help="Shower files: synthesise, inspect, convert, share.")
+app = typer.Typer(cls=_Group, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Foundation models of calorimeter showers: pretrain, distill, adapt, generate, evaluate, "
+                       "export.")
+data_app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                       help="Shower files: synthesise, inspect, convert, share.")
 app.add_typer(data_app, name="data")
 
 
@@ -92,7 +93,7 @@ def data_convert(
 
 @app.command()
 def pretrain(recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/pretrain-tiny.yaml"),
-             set_: Optional[list[str]] = SetOpt,
+             set_: list[str] | None = SetOpt,
              resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output_dir.")):
     """Multi-detector EDM pretraining (1..N processes: run under torchrun or accelerate launch)."""
     from calofm.config import load_config
@@ -104,9 +105,9 @@ def pretrain(recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/
 
 @app.command()
 def distill(recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/distill-tiny.yaml"),
-            teacher: Optional[str] = typer.Option(None, "--teacher",
+            teacher: str | None = typer.Option(None, "--teacher",
                                                   help="EDM model folder or Hub repo id (overrides distill.teacher)."),
-            set_: Optional[list[str]] = SetOpt,
+            set_: list[str] | None = SetOpt,
             resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output_dir.")):
     """Consistency distillation of an EDM model into a 1-step sampler (saves the target network)."""
     from calofm.config import load_config
@@ -158,12 +159,12 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
 def generate(model: str = typer.Option(..., "--model", help="Model folder or Hub repo id."),
              detector: str = typer.Option(..., "--detector", help="Detector name (must be in the model's slot map)."),
              n: int = typer.Option(1000, "--n", help="Number of showers (ignored with --conditions)."),
-             energy: Optional[float] = typer.Option(None, "--energy", help="Fixed incident energy in GeV."),
-             theta: Optional[float] = typer.Option(None, "--theta", help="Fixed polar angle in rad."),
-             phi: Optional[float] = typer.Option(None, "--phi", help="Fixed azimuth in rad."),
-             conditions: Optional[Path] = typer.Option(None, "--conditions",
+             energy: float | None = typer.Option(None, "--energy", help="Fixed incident energy in GeV."),
+             theta: float | None = typer.Option(None, "--theta", help="Fixed polar angle in rad."),
+             phi: float | None = typer.Option(None, "--phi", help="Fixed azimuth in rad."),
+             conditions: Path | None = typer.Option(None, "--conditions",
                                                        help="Take (E, theta, phi) from this shower file."),
-             steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
+             steps: int | None = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
              batch_size: int = typer.Option(256, "--batch-size"),
              seed: int = typer.Option(0, "--seed"),
              fmt: str = typer.Option("lemurs", "--format", help="lemurs | calochallenge"),

@@ -49,33 +49,28 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
     """The `calofm generate` job: conditions, split over processes (torchrun), gathered into one file."""
     from accelerate import PartialState
 
-    from calofm.data.formats import open_showers, write_showers
-    from calofm.data.synthetic import sample_conditions
+    from calofm.data.formats import FORMATS, open_showers, write_showers
+    from calofm.data.synthetic import conditions as sample_conditions
     from calofm.hub import load_model
-    from tqdm.auto import tqdm
+    from calofm.progress import progress
 
-    if fmt not in ("lemurs", "calochallenge"):
-        raise ValueError(f"--format must be lemurs or calochallenge, got {fmt!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model = load_model(model_ref)
     detector_slot(model, detector)
     if conditions is not None:
         with open_showers(conditions) as f:
             ref = f.read()
-        e, t, p = ref.energy, ref.theta, ref.phi
-    else:
-        e, t, p = sample_conditions(detector, n, np.random.default_rng(seed))
-        if energy_gev is not None:
-            e = np.full(n, energy_gev * 1000.0, np.float32)
-        if theta is not None:
-            t = np.full(n, theta, np.float32)
-        if phi is not None:
-            p = np.full(n, phi, np.float32)
+        e, p, t = ref.energy, ref.phi, ref.theta
+    else:  # checked against the detector's ranges before any work is done
+        e, p, t = sample_conditions(detector, n, np.random.default_rng(seed),
+                                    None if energy_gev is None else energy_gev * 1000.0, phi, theta)
 
     state = PartialState(cpu=not torch.cuda.is_available())
     model.to(state.device)
     index = np.arange(len(e))
     with state.split_between_processes(index) as mine:
-        bar = tqdm(total=len(mine), desc=f"generate {detector}", unit="shower", disable=not state.is_main_process)
+        bar = progress(state.is_main_process, total=len(mine), desc=f"generate {detector}", unit="shower")
         part = generate_showers(model, detector, e[mine], t[mine], p[mine], steps=steps, batch_size=batch_size,
                                 seed=seed + int(mine[0]) if len(mine) else seed, progress=bar.update)
         bar.close()

@@ -295,8 +295,10 @@ def read_showers(path: str | Path) -> Showers:
         return f.read()
 
 
-def _write(path: str | Path, fmt: str, n: int, attrs: dict | None, parts: Iterable[Showers]) -> None:
-    """Create the datasets for `n` showers, fill them from `parts` in order (validated), rename into place."""
+def write_stream(path: str | Path, fmt: str, n: int, attrs: dict | None, parts: Iterable[Showers]) -> None:
+    """Create the datasets for `n` showers, fill them from `parts` in order (validated), rename into place.
+
+    Memory is one part at a time, so files of any size can be written from a generator."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown shower format {fmt!r}; expected one of {', '.join(FORMATS)}")
     path, attrs = Path(path), dict(attrs or {})
@@ -342,7 +344,7 @@ def _write(path: str | Path, fmt: str, n: int, attrs: dict | None, parts: Iterab
 
 def write_showers(path: str | Path, s: Showers, fmt: str = "lemurs", attrs: dict | None = None) -> None:
     """Write `s` atomically in format `fmt`, validated first: a writer never makes a file the reader rejects."""
-    _write(path, fmt, len(s), attrs, (s[i:i + WRITE_BLOCK] for i in range(0, len(s), WRITE_BLOCK)))
+    write_stream(path, fmt, len(s), attrs, (s[i:i + WRITE_BLOCK] for i in range(0, len(s), WRITE_BLOCK)))
 
 
 def write_lemurs(path: str | Path, s: Showers, attrs: dict | None = None) -> None:
@@ -365,4 +367,4 @@ def convert(src: str | Path, dst: str | Path, to: str, chunk_size: int = 1024) -
                 yield s
                 bar.update(len(s))
 
-        _write(dst, to, len(f), f.attrs, chunks())
+        write_stream(dst, to, len(f), f.attrs, chunks())

@@ -34,7 +34,8 @@ class Normalizer:
     def inverse(self, z):
         """Normalised -> MeV; cells that come back under the threshold are zeroed (as Geant4 scoring would)."""
         lib = torch if isinstance(z, torch.Tensor) else np
-        x = lib.exp(z * self.std + self.mean) - self.eps
+        # no cell can hold more than the largest incident energy: keeps an untrained model's output finite
+        x = lib.exp(lib.clip(z * self.std + self.mean, None, math.log(EMAX_GLOBAL_MEV))) - self.eps
         return lib.where(x < self.threshold_mev, 0.0 * x, x)
 
     def to_dict(self) -> dict:

@@ -21,12 +21,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from calofm.config import RunConfig, save_config
 from calofm.data.loader import ShowerStream
 from calofm.data.transforms import Normalizer
 from calofm.io import atomic_dir
+from calofm.progress import progress
 from calofm.train.ema import EMA, power_decay
 from calofm.train.schedule import wsd
 
@@ -100,8 +100,7 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
                           max_per_detector=cfg.data.max_per_detector)
     batches = iter(DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers))
     log = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(total=t.steps, initial=state.step, desc=desc, disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
+    bar = progress(accelerator.is_main_process, total=t.steps, initial=state.step, desc=desc, dynamic_ncols=True)
     tic, seen = time.perf_counter(), 0
     net.train()
     while state.step < t.steps:
