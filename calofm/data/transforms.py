@@ -65,13 +65,17 @@ class Normalizer:
         return cls(mean=float(mean), std=float(std), threshold_mev=threshold_mev, eps=eps)
 
 
+def kinematics(energy_mev: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """[E/1 TeV, theta/pi, sin phi, cos phi], (B, 4): the incident particle as the model sees it."""
+    return torch.stack([energy_mev / EMAX_GLOBAL_MEV, theta / math.pi, torch.sin(phi), torch.cos(phi)], 1)
+
+
 def encode_conditions(energy_mev, theta, phi, slot, n_slots: int) -> torch.Tensor:
-    """[E/1 TeV, theta/pi, sin phi, cos phi, one-hot(slot)]: the model's condition vector, (B, 4 + n_slots)."""
+    """kinematics + one-hot(slot): the model's condition vector, (B, 4 + n_slots)."""
     e = torch.as_tensor(energy_mev, dtype=torch.float32).reshape(-1)
     t = torch.as_tensor(theta, dtype=torch.float32).reshape(-1)
     p = torch.as_tensor(phi, dtype=torch.float32).reshape(-1)
     s = torch.as_tensor(slot, dtype=torch.long).reshape(-1).expand(e.shape[0])
     if (s < 0).any() or (s >= n_slots).any():
         raise ValueError(f"detector slot {s.max().item()} outside the model's {n_slots} one-hot slots")
-    onehot = torch.nn.functional.one_hot(s, n_slots).float()
-    return torch.cat([torch.stack([e / EMAX_GLOBAL_MEV, t / math.pi, torch.sin(p), torch.cos(p)], 1), onehot], 1)
+    return torch.cat([kinematics(e, t, p), torch.nn.functional.one_hot(s, n_slots).float()], 1)

@@ -1,0 +1,293 @@
+"""Export a model to one self-contained graph with Geant4's Par04 contract (DESIGN.md section 9): ONNX or TorchScript.
+
+The graph takes (B, 8) = [E GeV, phi, theta, one-hot over the contract's 5 slots] and returns (B, 6480) cell energies
+in GeV, flat index r*(16*45) + phi*45 + z. Everything between is inside it: the contract-to-model slot mapping,
+the condition encoding, the Gaussian noise, the model's own sampler unrolled (`calofm.diffusion.sample`, so the
+graph runs the very code eager generation runs), the inverse preprocessing and the 0.5 keV cut.
+
+Both formats come from one trace (`torch.jit.trace`; ONNX through torch's TorchScript-based exporter): the sampler
+loop unrolls into constants, which torch.export cannot do for the Heun step's branch on its noise level.
+
+Contract slots a model has no detector for (a pretrained model has no 'new' detector) give empty showers
+(all zeros) rather than showers from an untrained one-hot; the export warns and the contract JSON marks them.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calofm.data.transforms import Normalizer, kinematics
+from calofm.diffusion import sample
+from calofm.geometry import DR_MM, DZ_MM, E_MIN_MEV, EMAX_GLOBAL_MEV, N_CELLS, PHI_RANGE, SHAPE, THETA_RANGE
+from calofm.io import atomic_path, atomic_write_text
+
+CONTRACT_SLOTS = ("par04_siw", "par04_scipb", "odd", "fccee_cld", "new")
+INPUT_LAYOUT = ("energy_gev", "phi_rad", "theta_rad", *(f"onehot_{s}" for s in CONTRACT_SLOTS))
+OUTPUT_THRESHOLD_GEV = 0.5e-6  # cells under 0.5 keV are zero in the contract's output
+FORMATS = ("onnx", "torchscript")
+DEVICES = ("cpu", "cuda")
+ONNX_OPSET = 17  # the first opset with LayerNormalization; runs on every onnxruntime since 1.11
+ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+CONTRACT_KEY = "calofm_contract"  # the contract JSON, also embedded in the exported file
+
+
+def contract_slots(slot_map: dict[str, int], new_detector: str | None = None) -> dict[str, str | None]:
+    """Contract slot -> the model's detector in it (None: the model has no such detector).
+
+    The first four contract slots are detectors by name; 'new' is the one detector of the slot map outside them
+    (an adapted model's), or `new_detector` when there are several.
+    """
+    others = sorted(d for d in slot_map if d not in CONTRACT_SLOTS[:-1])
+    if new_detector is not None:
+        if new_detector not in others:
+            raise ValueError(f"new detector {new_detector!r} is not an adapted detector of this model; "
+                             f"its slot map is {slot_map}")
+        others = [new_detector]
+    if len(others) > 1:
+        raise ValueError(f"the model has several detectors for the contract's 'new' slot ({', '.join(others)}): "
+                         "pick one with --new-detector")
+    named = {s: (s if s in slot_map else None) for s in CONTRACT_SLOTS[:-1]}
+    return {**named, "new": others[0] if others else None}
+
+
+def slot_matrix(slot_map: dict[str, int], n_slots: int, slots: dict[str, str | None]) -> torch.Tensor:
+    """(5, n_slots) 0/1 matrix taking the contract one-hot to the model's one-hot; unsupported slots are zero rows."""
+    m = torch.zeros(len(CONTRACT_SLOTS), n_slots)
+    for i, name in enumerate(CONTRACT_SLOTS):
+        if slots[name] is not None:
+            m[i, slot_map[slots[name]]] = 1.0
+    return m
+
+
+class Par04Generator(nn.Module):
+    """The exported graph: contract conditions (B, 8) [+ noise (B, 9, 16, 45)] -> (B, 6480) energies in GeV."""
+
+    def __init__(self, model: nn.Module, steps: int, slots: dict[str, str | None]):
+        super().__init__()
+        self.model = model
+        self.steps = steps
+        self.normalizer = Normalizer.from_dict(model.normalizer)
+        m = slot_matrix(model.slot_map, model.n_slots, slots)
+        self.register_buffer("slot_matrix", m, persistent=False)
+        self.register_buffer("supported", m.sum(1), persistent=False)
+
+    def model_conditions(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's condition vector, laid out as `calofm.data.transforms.encode_conditions` lays it out."""
+        k = kinematics(inputs[:, 0] * 1000.0, inputs[:, 2], inputs[:, 1])
+        return torch.cat([k, inputs[:, 3:] @ self.slot_matrix], 1)
+
+    def forward(self, inputs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:  # randn_like follows the input's device, so one graph serves CPU and CUDA
+            noise = torch.randn_like(inputs[:, :1, None, None].expand(-1, *SHAPE))
+        z = sample(self.model, noise, self.model_conditions(inputs), steps=self.steps)
+        gev = self.normalizer.inverse(z) / 1000.0
+        unsupported = (inputs[:, 3:] @ self.supported < 0.5).view(-1, 1, 1, 1)
+        return torch.where((gev < OUTPUT_THRESHOLD_GEV) | unsupported, torch.zeros_like(gev), gev).flatten(1)
+
+
+def default_steps(model: nn.Module) -> int:
+    """CD: one step (the point of distillation); EDM: the model's own Heun steps."""
+    return 1 if model.objective == "cd" else int(model.sampler.get("steps") or 32)
+
+
+def model_config(model: nn.Module) -> dict:
+    keys = ("preset", "depth", "width", "heads", "mlp_dim", "patch", "n_slots", "slot_map", "normalizer",
+            "objective", "sampler", "provenance")
+    return {k: getattr(model, k) for k in keys}
+
+
+def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: int,
+             slots: dict[str, str | None], noise_input: bool, source: str | None) -> dict:
+    """What a Geant4 user needs to call the graph, as JSON."""
+    batch_dim = batch if batch is not None else "batch"
+    evaluations = steps if model.objective == "cd" else 2 * steps - 1
+    inputs = [dict(name="conditions", shape=[batch_dim, len(INPUT_LAYOUT)], dtype="float32",
+                   layout=list(INPUT_LAYOUT),
+                   units=dict(energy="GeV", phi="rad", theta="rad"),
+                   ranges=dict(energy_gev=[E_MIN_MEV / 1000, EMAX_GLOBAL_MEV / 1000], phi_rad=list(PHI_RANGE),
+                               theta_rad=list(THETA_RANGE)))]
+    if noise_input:
+        inputs.append(dict(name="noise", shape=[batch_dim, *SHAPE], dtype="float32",
+                           description="unit Gaussian start of the sampler (for validation against PyTorch)"))
+    return dict(
+        contract="geant4-par04",
+        format=fmt,
+        device=device,
+        **({"opset": ONNX_OPSET, "providers": ORT_PROVIDERS[device]} if fmt == "onnx" else {}),
+        inputs=inputs,
+        slots=[dict(index=i, name=name, model_detector=slots[name],
+                    model_slot=model.slot_map[slots[name]] if slots[name] is not None else None)
+               for i, name in enumerate(CONTRACT_SLOTS)],
+        unsupported_slots="an empty shower (all zeros)",
+        output=dict(name="energies", shape=[batch_dim, N_CELLS], dtype="float32", unit="GeV",
+                    index="r*(16*45) + phi*45 + z", mesh=dict(zip(("r", "phi", "z"), SHAPE, strict=True)),
+                    dr_mm=DR_MM, dz_mm=DZ_MM, dphi_rad=2 * math.pi / SHAPE[1], threshold_gev=OUTPUT_THRESHOLD_GEV),
+        noise=("the sampler starts from the 'noise' input; multistep re-noising is drawn inside the graph"
+               if noise_input else "drawn inside the graph"),
+        sampler=dict(objective=model.objective, steps=steps, network_evaluations=evaluations),
+        model_source=source,
+        model=model_config(model),
+    )
+
+
+def sidecar_path(out: str | Path) -> Path:
+    """The contract JSON beside an exported file: model.onnx -> model.onnx.json."""
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
+@contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Silence what tracing says by design: the unrolled loop's constants, and that torch prefers torch.export
+    (which cannot unroll the Heun step's branch on its noise level; Geant4 needs TorchScript and ONNX)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _trace(graph: Par04Generator, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+    """torch.jit.trace with device constants replaced by the input's device, so the file runs on CPU or CUDA."""
+    with _quiet_tracing():
+        traced = torch.jit.trace(graph, example, check_trace=False)
+    g = traced.graph
+    torch._C._jit_pass_inline(g)  # one flat graph, so every device constant can see the input
+    conditions = list(g.inputs())[1]
+    for node in list(g.findAllNodes("prim::Constant")):
+        if node.output().type().kind() == "DeviceObjType":
+            device = g.create("prim::device", [conditions])
+            device.output().setType(node.output().type())
+            device.insertBefore(node)
+            node.output().replaceAllUsesWith(device.output())
+            node.destroy()
+    return traced
+
+
+def _write_torchscript(graph: Par04Generator, example: tuple, path: Path, meta: str) -> None:
+    buf = io.BytesIO()  # not saved to `path` directly: the archive's folder would be named after the temporary file
+    with _quiet_tracing():
+        torch.jit.save(_trace(graph, example), buf, _extra_files={f"{CONTRACT_KEY}.json": meta})
+    path.write_bytes(buf.getvalue())
+
+
+def _write_onnx(graph: Par04Generator, example: tuple, path: Path, meta: str, dynamic_batch: bool) -> None:
+    import onnx
+
+    names = ["conditions", "noise"][: len(example)]
+    buf = io.BytesIO()
+    with _quiet_tracing():  # the TorchScript-based exporter: it unrolls the sampler as torch.jit.trace does
+        torch.onnx.export(graph, example, buf, dynamo=False, opset_version=ONNX_OPSET, input_names=names,
+                          output_names=["energies"],
+                          dynamic_axes={n: {0: "batch"} for n in [*names, "energies"]} if dynamic_batch else None)
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.producer_name = "calofm"
+    onnx.helper.set_model_props(proto, {CONTRACT_KEY: meta})
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def _check_runs(fmt: str, path: Path, device: str, example: tuple[torch.Tensor, ...]) -> None:
+    """Load the written file back and run it once (on CUDA when asked for and present, else on CPU)."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        providers = [p for p in ORT_PROVIDERS[device] if p in ort.get_available_providers()]
+        session = ort.InferenceSession(str(path), providers=providers)
+        feeds = {i.name: t.cpu().numpy() for i, t in zip(session.get_inputs(), example, strict=True)}
+        out = torch.from_numpy(session.run(None, feeds)[0])
+    else:
+        run_on = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+        with _quiet_tracing():
+            module = torch.jit.load(str(path), map_location=run_on)
+        with torch.no_grad():
+            out = module(*(t.to(run_on) for t in example)).cpu()
+    if out.shape != (example[0].shape[0], N_CELLS) or out.isnan().any():
+        raise RuntimeError(f"{path}: the exported graph returned shape {tuple(out.shape)}"
+                           f"{' with NaN' if out.isnan().any() else ''}; expected ({example[0].shape[0]}, {N_CELLS})")
+
+
+def check_options(fmt: str, device: str = "cpu", batch: int = 1, steps: int | None = None) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device: str = "cpu", batch: int = 1,
+                 dynamic_batch: bool = False, steps: int | None = None, new_detector: str | None = None,
+                 noise_input: bool = False, source: str | None = None) -> Path:
+    """Write `model` (a CaloDiT, or a peft-wrapped one: merged first) as one Par04 graph, plus its contract JSON.
+
+    `batch` fixes the batch size (1 in the contract); `dynamic_batch` makes it a free axis instead. `noise_input`
+    adds the sampler's starting noise as a second input, so the graph can be compared with eager PyTorch.
+    Returns the path of the exported file; the contract lands at `sidecar_path(out)`.
+    """
+    check_options(fmt, device, batch, steps)
+    model = copy.deepcopy(model)  # the caller's model keeps its mode, gradients and adapters
+    if hasattr(model, "merge_and_unload"):  # a peft model: LoRA deltas folded into plain Linear weights
+        model = model.merge_and_unload()
+    if getattr(model, "normalizer", None) is None:
+        raise ValueError(f"{source or 'model'}: no normaliser in the model config (config.json key 'normalizer'); "
+                         "only models trained by calofm can be exported")
+    steps = steps or default_steps(model)
+    if model.objective == "edm":
+        warnings.warn(f"exporting an EDM model: {2 * steps - 1} network evaluations per shower ({steps} Heun steps) "
+                      "make the graph slow; distil it to a consistency model (calofm distill) for Geant4",
+                      stacklevel=2)
+    slots = contract_slots(model.slot_map, new_detector)
+    missing = [s for s, d in slots.items() if d is None]
+    if missing:
+        warnings.warn(f"the model has no detector for contract slot(s) {', '.join(missing)}: "
+                      "those one-hots give empty showers", stacklevel=2)
+
+    model.eval().requires_grad_(False)  # the saved graph then never builds autograd state, whoever runs it
+    graph = Par04Generator(model, steps, slots).eval()
+    param = next(model.parameters())
+    example_batch = 2 if dynamic_batch else batch  # a traced size-1 axis could be specialised
+    conditions = torch.tensor([[50.0, 1.0, 1.5, 1.0, 0.0, 0.0, 0.0, 0.0]], device=param.device)
+    example = (conditions.expand(example_batch, -1).contiguous(),)
+    if noise_input:
+        example += (torch.randn(example_batch, *SHAPE, device=param.device),)
+    meta = json.dumps(contract(model, fmt, device, None if dynamic_batch else batch, steps, slots, noise_input,
+                               source), indent=2)
+
+    out = Path(out)
+    with atomic_path(out) as tmp, torch.no_grad():
+        if fmt == "onnx":
+            _write_onnx(graph, example, tmp, meta, dynamic_batch)
+        else:
+            _write_torchscript(graph, example, tmp, meta)
+        _check_runs(fmt, tmp, device, example)
+    atomic_write_text(sidecar_path(out), meta + "\n")
+    return out
+
+
+def export(path_or_repo: str | Path, out: str | Path, fmt: str = "onnx", *, device: str = "cpu", batch: int = 1,
+           dynamic_batch: bool = False, steps: int | None = None, new_detector: str | None = None,
+           noise_input: bool = False) -> Path:
+    """The `calofm export` job: load a model folder or Hub repo, then `export_model`."""
+    from calofm.hub import load_model
+
+    check_options(fmt, device, batch, steps)  # before the (possibly long) load
+    path = Path(path_or_repo)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        # its base would be the pretrained model, whose slot map lacks the adapted detector: merging is adapt's job
+        raise ValueError(f"{path}: a LoRA adapter alone, not a model; export the merged model folder that "
+                         "`calofm adapt` writes (OUT/edm or OUT/cd), or pass a merged or peft model to "
+                         "calofm.export.export_model")
+    return export_model(load_model(path_or_repo), out, fmt, device=device, batch=batch, dynamic_batch=dynamic_batch,
+                        steps=steps, new_detector=new_detector, noise_input=noise_input, source=str(path_or_repo))
