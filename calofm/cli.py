@@ -17,6 +17,8 @@ class _Group(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise  # --help and friends: typer's own handling (typer.Exit is a RuntimeError)
         except (ValueError, KeyError, OSError, RuntimeError, ImportError) as e:
             if _DEBUG["on"]:
                 raise
@@ -198,12 +200,59 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for da
     typer.echo(f"demo report: {report}")
 
 
+@app.command()
+def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference shower file (LEMURS or CaloChallenge)."),
+             generated: Path = typer.Option(..., "--generated", help="Generated shower file (LEMURS or CaloChallenge)."),
+             out: Path = typer.Option(..., "--out", help="Folder for metrics.json, the PNG plots and report.md."),
+             metrics: list[str] | None = typer.Option(
+                 None, "--metrics", help="Comma-separated or repeated, from: observables, fpd, kpd, auc_low, auc_high, "
+                 "prdc, fixed_points (default: all)."),
+             detector: str | None = typer.Option(None, "--detector", help="Detector name for the report "
+                                                    "(default: the files' `detector` attribute)."),
+             point: list[str] | None = typer.Option(
+                 None, "--point", help="Fixed point 'E_GeV,theta[,phi]' to compare at (repeatable; default: the "
+                 "shared conditions of fixed-point files, else 10 and 50 GeV at normal incidence and 50 GeV at 1.2 rad)."),
+             max_showers: int | None = typer.Option(None, "--max-showers", help="Use only the first N showers of each file."),
+             seed: int = typer.Option(0, "--seed")):
+    """Compare generated showers with reference showers: observables, FPD, KPD, classifier AUCs, PRDC."""
+    import warnings
+
+    from calofm.evaluate.report import evaluate as run
+
+    points = None
+    if point:
+        points = []
+        for p in point:
+            try:
+                v = [float(t) for t in p.split(",")]
+            except ValueError:
+                v = []
+            if len(v) not in (2, 3):
+                raise ValueError(f"--point {p!r}: expected 'E_GeV,theta' or 'E_GeV,theta,phi' (numbers)")
+            points.append((v[0] * 1e3, v[1], v[2] if len(v) == 3 else None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same notes come back in the result and are printed below
+        result = run(reference, generated, out, metrics=metrics, detector=detector, fixed_points=points,
+                     max_showers=max_showers, seed=seed)
+    for note in result["warnings"]:
+        typer.echo(f"warning: {note}", err=True)
+    for key in ("auc_low", "auc_high"):
+        if key in result:
+            typer.echo(f"{key}: {result[key]:.4f}")
+    for key in ("fpd", "kpd"):
+        if key in result:
+            typer.echo(f"{key} x 1e3: {result[key]['value'] * 1e3:.4g} +- {result[key]['error'] * 1e3:.2g}")
+    if "prdc" in result:
+        typer.echo("prdc: " + ", ".join(f"{k} {v:.3f}" for k, v in result["prdc"].items()))
+    typer.echo(f"report: {Path(out) / 'report.md'}")
+
+
 # ------------------------------------------------------------------------------------------- export to Geant4
 
 
 @app.command("export")
 def export_cmd(model: str = typer.Argument(..., metavar="DIR",
-                                           help="Model folder, LoRA adapter folder (merged on export) or Hub repo id."),
+                                           help="Model folder (config.json + model.safetensors) or Hub repo id."),
                fmt: str = typer.Option(..., "--format", help="onnx | torchscript"),
                device: str = typer.Option("cpu", "--device", help="cpu | cuda: where the graph will run (ONNX: the "
                                           "execution providers recorded); the graph itself runs on either."),

@@ -60,3 +60,9 @@ def test_missing_model_folder_is_named(tmp_path):
     r = runner.invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--detector", "odd", "--out",
                             str(tmp_path / "x.h5")])
     assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_help_exits_zero():
+    for cmd in (["--help"], ["generate", "--help"], ["data", "synth", "--help"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 0 and "Usage" in r.output and "error" not in r.output

@@ -1,0 +1,316 @@
+"""Distances between a reference and a generated sample: separation power, FPD, KPD, classifier AUC, PRDC.
+
+FPD and KPD follow the definitions of Kansal et al. (arXiv:2211.10295) as implemented in jetnet 0.2.5, the
+reference the CaloChallenge and the CaloDiT-2 paper score with:
+- each feature is divided by its maximum |value| in the reference sample (jetnet's `normalise=True`; the
+  CaloChallenge applies it to its pre-scaled features, as `observables.high_level_features` pre-scales ours);
+- FPD: the Fréchet distance of Gaussians fitted to batches of N showers, averaged over `num_batches` batches at
+  `num_points` values of N spaced regularly in 1/N, extrapolated linearly in 1/N to N = inf (intercept and
+  slope bounded at >= 0); the error is the fit's standard error on the intercept;
+- KPD: the unbiased quadratic-time MMD^2 with the polynomial kernel k(x, y) = (x.y / d + 1)^4 (jetnet uses
+  degree 4), on `num_batches` batches; the value is the median, the error half the 16-84 percentile range.
+Three deliberate differences, all for samples smaller than jetnet's recommended 50,000: batches are drawn
+without replacement (a batch with repeated showers is not an independent sample: with replacement the
+extrapolated FPD of two samples of one distribution stays above zero and the "unbiased" MMD^2 is biased up);
+batch sizes are capped (FPD's largest batch at the smaller sample, keeping jetnet's min/max ratio of 0.4, KPD's
+batch at half the smaller sample so that batches differ); and FPD's error also counts the fluctuation of the
+two samples themselves (see `fpd`). For samples much larger than the batches the values are jetnet's, which
+tests/test_evaluate.py checks against numbers computed with jetnet itself.
+
+Scale: FPD and KPD depend on the reference sample through the max-|value| normalisation (an extreme-value
+statistic), so studies compare generated samples against one fixed reference file. Standardising instead
+(mean/std) was tried and is worse here: near-constant features blow up the distances of unlike samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import curve_fit
+from sklearn.isotonic import IsotonicRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+KPD_DEGREE = 4
+# FPD, KPD and PRDC run many small matrix products; BLAS threads do not pay off there and, when they contend
+# with other processes for the cores, slow them down 3-15x (measured on 2 cores). They run on one BLAS thread.
+ONE_BLAS_THREAD = {"limits": 1, "user_api": "blas"}
+_DIST_CHUNK_ELEMENTS = 4_000_000  # pairwise distances held at once in PRDC
+
+
+def _as_features(name: str, x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"{name} features must be a 2-D array (N >= 2, D); got shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))[0]
+        raise ValueError(f"{name} features contain NaN or inf (first in row {bad})")
+    return x
+
+
+def _pair(real, gen) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _as_features("real", real), _as_features("generated", gen)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"real and generated features differ in width: {x.shape[1]} vs {y.shape[1]}")
+    return x, y
+
+
+def normalise_features(real: np.ndarray, gen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Divide each feature by its max |value| over the reference sample (constant-zero features left as is)."""
+    scale = np.abs(real).max(axis=0)
+    scale[scale == 0] = 1.0
+    return real / scale, gen / scale
+
+
+# --------------------------------------------------------------------------------------------- histograms
+
+
+def histogram_edges(reference: np.ndarray, generated: np.ndarray, bins: int = 40, log: bool = False,
+                    quantiles: tuple[float, float] = (0.001, 0.999)) -> np.ndarray:
+    """Common bin edges covering the bulk of both samples (a few outliers must not squash the histogram)."""
+    both = np.concatenate([np.ravel(reference), np.ravel(generated)]).astype(np.float64)
+    both = both[np.isfinite(both) & ((both > 0) if log else True)]
+    if both.size == 0:
+        raise ValueError("histogram_edges: no finite values" + (" above zero" if log else ""))
+    lo, hi = np.quantile(both, quantiles)
+    if hi <= lo:
+        lo, hi = (lo / 2, lo * 2) if log else (lo - 0.5, hi + 0.5)
+    return np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
+
+
+def separation_power(a: np.ndarray, b: np.ndarray, bins) -> float:
+    """1/2 sum_i (h1_i - h2_i)^2 / (h1_i + h2_i) of unit-normalised histograms: 0 identical, 1 disjoint.
+
+    `bins` is an int (common edges over both samples) or an array of edges; values outside the edges are left out.
+    """
+    a, b = np.ravel(a), np.ravel(b)
+    edges = np.histogram_bin_edges(np.concatenate([a, b]), bins) if np.ndim(bins) == 0 else np.asarray(bins)
+    h1 = np.histogram(a, edges)[0].astype(np.float64)
+    h2 = np.histogram(b, edges)[0].astype(np.float64)
+    if h1.sum() == 0 or h2.sum() == 0:
+        raise ValueError(f"separation_power: a sample has no entries inside [{edges[0]:.4g}, {edges[-1]:.4g}]")
+    h1, h2 = h1 / h1.sum(), h2 / h2.sum()
+    total = h1 + h2
+    keep = total > 0
+    return float(0.5 * np.sum((h1 - h2)[keep] ** 2 / total[keep]))
+
+
+# --------------------------------------------------------------------------------------------- FPD, KPD
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)) of two Gaussians.
+
+    tr (C1 C2)^(1/2) is the sum of square roots of the eigenvalues of C1^(1/2) C2 C1^(1/2), which is symmetric
+    positive semi-definite: no complex square roots, stable for the near-singular covariances of correlated
+    shower features.
+    """
+    w, v = np.linalg.eigh(cov1)
+    s1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = s1 @ cov2 @ s1
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
+
+
+def _linear(x, intercept, slope):
+    return intercept + slope * x
+
+
+def _sample_fd(x: np.ndarray, y: np.ndarray) -> float:
+    return frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+
+
+def fpd(real_feats, gen_feats, seed: int = 0, *, min_samples: int = 20_000, max_samples: int = 50_000,
+        num_batches: int = 20, num_points: int = 10, normalise: bool = True,
+        sample_error: bool = True) -> tuple[float, float]:
+    """Fréchet physics distance extrapolated to infinite N, and its error (see the module docstring).
+
+    jetnet's error is the fit's alone. Every batch is drawn from the same two samples, so the fit cannot see
+    how much the two samples themselves fluctuate, and for samples of a few thousand showers that fluctuation
+    dominates: FPDs of pairs of independent samples of one distribution scatter by several fit errors. With
+    `sample_error` (default) it is added in quadrature, estimated from disjoint halves: for random splits of
+    both samples into halves (A1, A2) and (B1, B2), the FDs of (A1, B1) and (A2, B2) are independent, so half
+    the mean squared difference is the variance of the FD at N/2, scaled to N as 1/N (conservative; it falls
+    as 1/N^2 where the distributions agree). `sample_error=False` gives jetnet's error.
+    """
+    x, y = _pair(real_feats, gen_feats)
+    if normalise:
+        x, y = normalise_features(x, y)
+    n_max = min(max_samples, len(x), len(y))
+    n_min = max(2, min(min_samples, round(n_max * min_samples / max_samples)))
+    sizes = (1.0 / np.linspace(1.0 / n_min, 1.0 / n_max, num_points)).astype(np.int64)
+    with threadpool_limits(**ONE_BLAS_THREAD):
+        return _fpd(x, y, sizes, np.random.default_rng(seed), num_batches, sample_error)
+
+
+def _fpd(x: np.ndarray, y: np.ndarray, sizes: np.ndarray, rng: np.random.Generator, num_batches: int,
+         sample_error: bool) -> tuple[float, float]:
+    """The batch loop, fit and errors of `fpd` on normalised features."""
+    means = []
+    for n in tqdm(sizes, desc="FPD", unit="N", leave=False):
+        means.append(np.mean([_sample_fd(x[rng.choice(len(x), size=n, replace=False)],
+                                         y[rng.choice(len(y), size=n, replace=False)])
+                              for _ in range(num_batches)]))
+    params, cov = curve_fit(_linear, 1.0 / sizes, means, bounds=([0.0, 0.0], [np.inf, np.inf]))
+    error = float(np.sqrt(cov[0, 0]))
+    if sample_error:
+        hx, hy = len(x) // 2, len(y) // 2
+        diffs = []
+        for _ in range(num_batches):
+            px, py = rng.permutation(len(x)), rng.permutation(len(y))
+            diffs.append(_sample_fd(x[px[:hx]], y[py[:hy]]) - _sample_fd(x[px[hx:2 * hx]], y[py[hy:2 * hy]]))
+        var_half = np.mean(np.square(diffs)) / 2.0
+        error = float(np.sqrt(error**2 + var_half / 2.0))
+    return float(params[0]), error
+
+
+def _poly_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^4: diagonal terms k(x_i, x_i) left out of the XX, YY means."""
+    d = x.shape[1]
+
+    def mean_kernel(a, b, same):
+        k = a @ b.T
+        k /= d
+        k += 1.0
+        k **= KPD_DEGREE
+        n = len(a)
+        return (k.sum() - np.trace(k)) / (n * (n - 1)) if same else k.mean()
+
+    return float(mean_kernel(x, x, True) + mean_kernel(y, y, True) - 2.0 * mean_kernel(x, y, False))
+
+
+def kpd(real_feats, gen_feats, seed: int = 0, *, num_batches: int = 10, batch_size: int = 5_000,
+        normalise: bool = True) -> tuple[float, float]:
+    """Kernel physics distance: median of batch MMD^2 and half its 16-84 percentile range."""
+    x, y = _pair(real_feats, gen_feats)
+    if normalise:
+        x, y = normalise_features(x, y)
+    n = max(2, min(batch_size, len(x) // 2, len(y) // 2))
+    rng = np.random.default_rng(seed)
+    with threadpool_limits(**ONE_BLAS_THREAD):
+        vals = [_poly_mmd2_unbiased(x[rng.choice(len(x), n, replace=False)],
+                                    y[rng.choice(len(y), n, replace=False)])
+                for _ in tqdm(range(num_batches), desc="KPD", unit="batch", leave=False)]
+    lo, hi = np.percentile(vals, [16.275, 83.725])
+    return float(np.median(vals)), float((hi - lo) / 2)
+
+
+# --------------------------------------------------------------------------------------------- classifier
+
+
+def classifier_auc(real, gen, seed: int = 0, *, hidden: int = 128, epochs: int = 30, patience: int = 4,
+                   batch_size: int = 256, lr: float = 1e-3) -> float:
+    """ROC AUC of an MLP telling reference (label 1) from generated (0): 0.5 means indistinguishable.
+
+    The CaloChallenge protocol: equal numbers of each class, a 60/20/20 train/validation/test split per class,
+    features standardised on the training split, early stopping on the validation loss (best epoch kept),
+    isotonic calibration of the output on the validation split, then AUC on the test split. Seeded; leaves
+    torch's global random state and thread count untouched.
+    """
+    import torch
+
+    x_real, x_gen = np.asarray(real, dtype=np.float32), np.asarray(gen, dtype=np.float32)
+    if x_real.ndim != 2 or x_gen.ndim != 2 or x_real.shape[1] != x_gen.shape[1]:
+        raise ValueError(f"classifier_auc needs 2-D arrays of equal width; got {x_real.shape} and {x_gen.shape}")
+    n = min(len(x_real), len(x_gen))
+    if n < 10:
+        raise ValueError(f"classifier_auc needs at least 10 showers per class; got {len(x_real)} and {len(x_gen)}")
+    rng = np.random.default_rng(seed)
+    n_train, n_val = int(0.6 * n), int(0.2 * n)
+    splits: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
+    for data, label in ((x_real, 1.0), (x_gen, 0.0)):
+        idx = rng.permutation(len(data))[:n]
+        for name, part in zip(splits, np.split(idx, [n_train, n_train + n_val]), strict=True):
+            splits[name][0].append(data[part])
+            splits[name][1].append(np.full(len(part), label, np.float32))
+    xs = {k: np.concatenate(v[0]) for k, v in splits.items()}
+    ys = {k: np.concatenate(v[1]) for k, v in splits.items()}
+    mean, std = xs["train"].mean(0), xs["train"].std(0)
+    std[std < 1e-6] = 1.0
+    t = {k: torch.from_numpy((v - mean) / std) for k, v in xs.items()}
+    ty = {k: torch.from_numpy(v) for k, v in ys.items()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steps this small run ~10x slower when threads contend with other processes
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            p_val, p_test = _train_mlp(t, ty, hidden, epochs, patience, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+    calibrate = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p_val, ys["val"])
+    return float(roc_auc_score(ys["test"], calibrate.predict(p_test)))
+
+
+def _train_mlp(t: dict, ty: dict, hidden: int, epochs: int, patience: int, batch_size: int,
+               lr: float) -> tuple[np.ndarray, np.ndarray]:
+    """Train with early stopping on the validation loss; sigmoid outputs of the best epoch on val and test."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(t["train"].shape[1], hidden), nn.LeakyReLU(0.2),
+                          nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.BCEWithLogitsLoss()
+    best, best_state, wait = np.inf, None, 0
+    for _ in tqdm(range(epochs), desc="classifier", unit="epoch", leave=False):
+        model.train()
+        for b in torch.randperm(len(t["train"])).split(batch_size):
+            opt.zero_grad()
+            loss_fn(model(t["train"][b]).squeeze(1), ty["train"][b]).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = loss_fn(model(t["val"]).squeeze(1), ty["val"]).item()
+        if val_loss < best - 1e-4:
+            best, best_state, wait = val_loss, {k: v.clone() for k, v in model.state_dict().items()}, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                break
+    model.load_state_dict(best_state)
+    with torch.no_grad():
+        return tuple(torch.sigmoid(model(t[k]).squeeze(1)).numpy() for k in ("val", "test"))
+
+
+# --------------------------------------------------------------------------------------------- PRDC
+
+
+def prdc(real, gen, k: int = 5) -> dict:
+    """Precision, recall, density and coverage (Naeem et al. 2020) with k-nearest-neighbour balls.
+
+    Features are standardised with the reference mean and std first. Density above 1 and precision above the
+    reference-vs-reference value flag generated showers crowding around training showers (memorisation);
+    low recall / coverage flag missing modes.
+    """
+    x, y = _pair(real, gen)
+    if min(len(x), len(y)) <= k:
+        raise ValueError(f"prdc needs more than k={k} showers per sample; got {len(x)} and {len(y)}")
+    mean, std = x.mean(0), x.std(0)
+    std[std == 0] = 1.0
+    with threadpool_limits(**ONE_BLAS_THREAD):
+        return _prdc((x - mean) / std, (y - mean) / std, k)
+
+
+def _prdc(x: np.ndarray, y: np.ndarray, k: int) -> dict:
+    r_real = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, k]  # column 0 is the point itself
+    r_gen = NearestNeighbors(n_neighbors=k + 1).fit(y).kneighbors(y)[0][:, k]
+
+    precision_hits = np.zeros(len(y), bool)   # generated shower inside some reference ball
+    density_count = np.zeros(len(y))          # ... inside how many reference balls
+    recall_hits = np.zeros(len(x), bool)      # reference shower inside some generated ball
+    nearest_gen = np.full(len(x), np.inf)     # distance from each reference shower to its nearest generated one
+    step = max(1, _DIST_CHUNK_ELEMENTS // len(x))
+    x_sq = (x * x).sum(1)
+    for i in range(0, len(y), step):
+        yc = y[i:i + step]
+        d = np.sqrt(np.clip((yc * yc).sum(1)[:, None] - 2.0 * yc @ x.T + x_sq[None, :], 0.0, None))
+        inside = d < r_real[None, :]
+        precision_hits[i:i + step] = inside.any(1)
+        density_count[i:i + step] = inside.sum(1)
+        recall_hits |= (d < r_gen[i:i + step, None]).any(0)
+        np.minimum(nearest_gen, d.min(0), out=nearest_gen)
+    return {"precision": float(precision_hits.mean()), "recall": float(recall_hits.mean()),
+            "density": float(density_count.sum() / (k * len(y))), "coverage": float((nearest_gen < r_real).mean())}

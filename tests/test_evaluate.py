@@ -1,0 +1,279 @@
+"""Evaluation: observables on hand-made showers, metric definitions (FPD/KPD against jetnet), data-vs-data and
+data-vs-other-detector behaviour of every metric, the report folder and the `calofm evaluate` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from calofm.cli import app
+from calofm.data.formats import Showers, write_calochallenge, write_lemurs
+from calofm.data.synthetic import generate
+from calofm.evaluate import observables as O
+from calofm.evaluate.metrics import (
+    _poly_mmd2_unbiased,
+    classifier_auc,
+    fpd,
+    frechet_distance,
+    kpd,
+    normalise_features,
+    prdc,
+    separation_power,
+)
+from calofm.evaluate.report import PAPER_DS2, evaluate, fixed_point_comparison
+from calofm.geometry import DR_MM, DZ_MM, N_Z, THRESHOLD_MEV
+
+# ----------------------------------------------------------------------------------------- observables
+
+
+def one_cell_shower(r: int, phi: int, z: int, mev: float = 100.0) -> np.ndarray:
+    x = np.zeros((1, 9, 16, 45), np.float32)
+    x[0, r, phi, z] = mev
+    return x
+
+
+def test_observables_of_a_hand_made_shower():
+    x = one_cell_shower(2, 0, 10) + one_cell_shower(2, 8, 10)  # two cells at r = 2.5 dr, opposite in phi
+    x[0, 5, 3, 30] = 0.9 * THRESHOLD_MEV                         # below the threshold: must be dropped
+    obs = O.shower_observables(x, np.array([1000.0]))
+    r = 2.5 * DR_MM
+    assert obs["e_ratio"][0] == pytest.approx(0.2)
+    assert obs["n_hit"][0] == 2
+    assert obs["c_r"][0] == pytest.approx(r) and obs["w_r"][0] == pytest.approx(0, abs=1e-9)
+    assert obs["c_x"][0] == pytest.approx(0, abs=1e-9)            # symmetric pair: centre on the axis
+    assert obs["w_x"][0] == pytest.approx(r * math.cos(math.pi / 16), rel=1e-6)
+    assert obs["c_z"][0] == pytest.approx(10.5 * DZ_MM) and obs["w_z"][0] == pytest.approx(0, abs=1e-9)
+    assert np.array_equal(O.energy_profile(x, "z")[0].nonzero()[0], [10])
+    assert O.energy_profile(x, "r")[0, 2] == pytest.approx(200.0)
+    assert O.voxel_spectrum(x).tolist() == [100.0, 100.0]
+    assert O.mean_shower(x).sum() == pytest.approx(200.0)
+    low = O.low_level_features(x, np.array([1000.0]))
+    assert low.shape == (1, 6481) and low[0, 0] == pytest.approx(3.0)
+    assert np.count_nonzero(low[0, 1:] > np.log(1e-6) + 1) == 2
+
+
+def test_high_level_features_layout():
+    x = np.concatenate([one_cell_shower(0, 0, 0, 50.0), one_cell_shower(4, 4, 44, 10.0)])
+    e = np.array([1000.0, 10_000.0])
+    f = O.high_level_features(x, e)
+    names = O.high_level_names()
+    assert f.dtype == np.float64 and f.shape == (2, len(names)) == (2, 4 + 8 * O.SEGMENTS)
+    col = {n: i for i, n in enumerate(names)}
+    assert f[:, col["log10_e_inc"]] == pytest.approx([3.0, 4.0])
+    assert f[:, col["e_ratio"]] == pytest.approx([0.05, 0.001])
+    assert f[0, col["log10_e_segment[0]"]] == pytest.approx(math.log10(50.0 + THRESHOLD_MEV))
+    assert f[0, col["log10_e_segment[4]"]] == pytest.approx(math.log10(THRESHOLD_MEV))  # empty: threshold floor
+    assert f[1, col["c_r[4]"]] == pytest.approx(4.5 * DR_MM / 100)
+    assert f[0, col["hit_fraction[0]"]] == pytest.approx(1 / (9 * 16 * N_Z // O.SEGMENTS))
+    assert O.high_level_features(x, e, segments=45).shape == (2, 4 + 8 * 45)
+    with pytest.raises(ValueError, match="segments = 7"):
+        O.high_level_features(x, e, segments=7)
+    with pytest.raises(ValueError, match=r"energy has shape \(3,\)"):
+        O.high_level_features(x, np.ones(3))
+
+
+# ----------------------------------------------------------------------------------------- metric definitions
+
+
+def test_separation_power_limits():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=5000)
+    assert separation_power(a, a, 20) == 0.0
+    assert separation_power(a, a + 100, np.linspace(-5, 105, 50)) == pytest.approx(1.0)
+    # one bin shared half/half, the rest disjoint: 1/2 [ (0.5-1)^2/1.5 + 0.5^2/0.5 ] = 1/3
+    assert separation_power([0.5, 1.5], [0.5, 0.5], [0, 1, 2]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="no entries"):
+        separation_power([5.0], [0.5], [0, 1])
+
+
+def test_frechet_distance_closed_form():
+    # Gaussians with commuting covariances: |mu1 - mu2|^2 + sum (sqrt(l1) - sqrt(l2))^2
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([1.0, 3.0])
+    c1, c2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(5.0 + (1 - 3) ** 2 + (2 - 1) ** 2)
+    rot = np.array([[0.6, -0.8], [0.8, 0.6]])
+    c = rot @ np.diag([2.0, 0.5]) @ rot.T
+    assert frechet_distance(mu1, c, mu1, c) == pytest.approx(0.0, abs=1e-12)
+
+
+def toy_features(seed, n=20_000, d=12, shift=0.0, scale=1.0):
+    """Seeded non-Gaussian features; the same function made the jetnet reference values below."""
+    mix = np.random.default_rng(0).standard_normal((d, d)) / np.sqrt(d) + np.eye(d)
+    z = np.random.default_rng(seed).standard_normal((n, d)) @ mix
+    z[:, : d // 3] = np.exp(0.5 * z[:, : d // 3])
+    return z * scale + shift
+
+
+# Computed once with jetnet 0.2.5 (numpy 1.26) in a throwaway environment, because jetnet does not import
+# beside numpy 2:
+#   python3 -m venv /tmp/jetnet_ref && /tmp/jetnet_ref/bin/pip install "numpy<2" "pyarrow<18" jetnet==0.2.5
+#   /tmp/jetnet_ref/bin/python - <<'EOF'
+#   import numpy as np
+#   from jetnet.evaluation import fpd, kpd
+#   from jetnet.evaluation.gen_metrics import (_calculate_frechet_distance, _mmd_poly_quadratic_unbiased,
+#                                              _normalise_features)
+#   def toy_features(seed, n=20_000, d=12, shift=0.0, scale=1.0):
+#       mix = np.random.default_rng(0).standard_normal((d, d)) / np.sqrt(d) + np.eye(d)
+#       z = np.random.default_rng(seed).standard_normal((n, d)) @ mix
+#       z[:, : d // 3] = np.exp(0.5 * z[:, : d // 3])
+#       return z * scale + shift
+#   x = toy_features(1)
+#   for y in (toy_features(2), toy_features(3, shift=0.1, scale=1.05)):
+#       a, b = _normalise_features(x, y)
+#       print(x.sum(), y.sum(),
+#             _calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)),
+#             _mmd_poly_quadratic_unbiased(a[:1000], b[:1000], degree=4),
+#             fpd(x, y, min_samples=2000, max_samples=5000), kpd(x, y, batch_size=2000))
+#   EOF
+JETNET = {
+    "same": {"y": (2, 0.0, 1.0), "checksum": 104596.82591915314, "fd_full": 0.00011050806275081371,
+             "mmd_1000": 8.610167224887277e-05, "fpd": (5.3940383453666865e-05, 8.381149990403877e-05),
+             "kpd": (-2.8420785084914968e-05, 9.888369161691684e-05)},
+    "shifted": {"y": (3, 0.1, 1.05), "checksum": 133995.46451382746, "fd_full": 0.004855902206199136,
+                "mmd_1000": 0.0013838350933643717, "fpd": (0.004838628288397081, 0.0002194247765228412),
+                "kpd": (0.0010904231092894179, 0.00024210429401414564)},
+}
+
+
+@pytest.mark.parametrize("case", JETNET)
+def test_fpd_kpd_agree_with_jetnet(case):
+    ref = JETNET[case]
+    seed, shift, scale = ref["y"]
+    x, y = toy_features(1), toy_features(seed, shift=shift, scale=scale)
+    assert x.sum() == pytest.approx(104433.22414468537, rel=1e-9) and y.sum() == pytest.approx(ref["checksum"], rel=1e-9)
+    # the deterministic building blocks agree to rounding
+    a, b = normalise_features(x, y)
+    assert frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)) == pytest.approx(
+        ref["fd_full"], rel=1e-8)
+    assert _poly_mmd2_unbiased(a[:1000], b[:1000]) == pytest.approx(ref["mmd_1000"], rel=1e-8)
+    # the estimators draw other batches: they agree within the combined errors
+    value, error = fpd(x, y, min_samples=2000, max_samples=5000, sample_error=False)
+    assert abs(value - ref["fpd"][0]) < 2 * math.hypot(error, ref["fpd"][1])
+    assert fpd(x, y, min_samples=2000, max_samples=5000)[1] > error  # the sample error only adds
+    value, error = kpd(x, y, batch_size=2000)
+    assert abs(value - ref["kpd"][0]) < 2 * math.hypot(error, ref["kpd"][1])
+
+
+# ----------------------------------------------------------------------------------------- data vs data
+
+
+@pytest.fixture(scope="module")
+def sets():
+    """Two seeds of one detector (4,000 showers each) and another detector (2,000)."""
+    return {"ref": generate("par04_siw", 4000, seed=1), "same": generate("par04_siw", 4000, seed=2),
+            "other": generate("odd", 2000, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def features(sets):
+    return {k: O.high_level_features(s.showers, s.energy) for k, s in sets.items()}
+
+
+def test_high_level_metrics_data_vs_data_and_other_detector(features):
+    ref, same, other = features["ref"], features["same"], features["other"]
+    assert abs(classifier_auc(ref, same) - 0.5) < 0.03
+    assert classifier_auc(ref[:2000], other) > 0.9
+
+    value, error = fpd(ref[:2000], ref[2000:])  # two halves of one set
+    assert value <= 2 * error, (value, error)
+    value, error = fpd(ref[:2000], same[:2000])  # two seeds
+    assert value <= 2 * error, (value, error)
+    value, error = fpd(ref[:2000], other)
+    assert value > 0.3 and value > 20 * error, (value, error)
+
+    value, error = kpd(ref[:2000], same[:2000])
+    assert abs(value) < 2 * error + 1e-4, (value, error)
+    value, error = kpd(ref[:2000], other)
+    assert value > 0.1 and value > 20 * error, (value, error)
+
+    p_same, p_other = prdc(ref[:2000], same[:2000]), prdc(ref[:2000], other)
+    assert p_same["precision"] > 0.8 and p_same["recall"] > 0.8 and p_same["coverage"] > 0.9
+    assert 0.8 < p_same["density"] < 1.2
+    assert max(p_other.values()) < 0.1
+
+
+def test_separation_powers_data_vs_data_and_other_detector(sets):
+    obs = {k: O.shower_observables(s.showers, s.energy) for k, s in sets.items()}
+    for key in O.SHOWER_OBSERVABLES:
+        assert separation_power(obs["ref"][key], obs["same"][key], 30) < 0.02, key
+    assert separation_power(obs["ref"]["e_ratio"], obs["other"]["e_ratio"], 30) > 0.9  # sampling fractions differ
+
+
+def test_low_level_auc_data_vs_data_and_other_detector(sets):
+    ref, same, other = sets["ref"][:2000], sets["same"][:2000], sets["other"]
+    low = {k: O.low_level_features(s.showers, s.energy) for k, s in (("ref", ref), ("same", same), ("other", other))}
+    assert abs(classifier_auc(low["ref"], low["same"]) - 0.5) < 0.03
+    assert classifier_auc(low["ref"], low["other"]) > 0.9
+    with pytest.raises(ValueError, match="equal width"):
+        classifier_auc(low["ref"], np.zeros((100, 3)))
+
+
+def test_fixed_points_compare_exact_shared_conditions():
+    kw = {"energy": 20_000.0, "theta": math.pi / 2, "phi": 1.0}
+    ref = Showers.concat([generate("par04_siw", 60, seed=4, **kw), generate("par04_siw", 60, seed=5, energy=5e4)])
+    gen = Showers.concat([generate("par04_siw", 60, seed=6, **kw), generate("odd", 60, seed=7, energy=5e4)])
+    ref_obs, gen_obs = (O.shower_observables(s.showers, s.energy) for s in (ref, gen))
+    # the second group has random angles: 60 distinct conditions, too many for a fixed-point sample
+    assert all(not r["exact"] for r in fixed_point_comparison(ref, gen, ref_obs, gen_obs))
+    rows = fixed_point_comparison(ref[:60], gen[:60], {k: v[:60] for k, v in ref_obs.items()},
+                                  {k: v[:60] for k, v in gen_obs.items()})
+    assert len(rows) == 1 and rows[0]["exact"] and rows[0]["n_reference"] == rows[0]["n_generated"] == 60
+    assert abs(rows[0]["observables"]["e_ratio"]["pull"]) < 4
+    rows = fixed_point_comparison(ref, gen, ref_obs, gen_obs, points=[(5e4, math.pi / 2, None)])
+    assert rows[0]["n_reference"] == rows[0]["n_generated"] and rows[0]["n_reference"] > 0
+
+
+# ----------------------------------------------------------------------------------------- report and CLI
+
+
+def test_evaluate_writes_a_report_folder(tmp_path):
+    ref = generate("par04_siw", 300, seed=8)
+    gen = generate("par04_siw", 300, seed=9, energy=np.random.default_rng(0).uniform(1e3, 1e5, 300))
+    write_lemurs(tmp_path / "ref.h5", ref, {"detector": "par04_siw", "synthetic": True, "generator": "test"})
+    write_calochallenge(tmp_path / "gen.h5", gen, {"detector": "par04_siw"})
+    out = tmp_path / "eval"
+    with pytest.warns(UserWarning) as caught:
+        result = evaluate(tmp_path / "ref.h5", tmp_path / "gen.h5", out)
+    notes = [str(w.message) for w in caught]
+    assert notes == result["warnings"] and len(notes) == 2
+    assert notes[0].startswith("generated incident energy E_inc covers [")
+    assert "incident energy E_inc are distributed differently" in notes[1]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["reference"]["format"] == "lemurs" and saved["generated"]["format"] == "calochallenge"
+    assert saved["detector"] == "par04_siw" and saved["reference"]["synthetic"]
+    for key in ("auc_low", "auc_high"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert set(saved["fpd"]) == {"value", "error"} and saved["fpd"]["error"] > 0
+    assert set(saved["prdc"]) == {"precision", "recall", "density", "coverage"}
+    assert saved["separation_power"]["e_ratio"] < 0.2 and len(saved["separation_power_per_layer"]) == N_Z
+    report = (out / "report.md").read_text()
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert sorted(links) == sorted(saved["plots"]) and len(links) >= 15
+    for link in links:
+        assert (out / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(tmp_path / "ref.h5") in report and str(tmp_path / "gen.h5") in report
+    assert f"{PAPER_DS2['fpd'][0] * 1e3:.3g}" in report and "## Warnings" in report
+    assert re.search(r"\| FPD x 10\^3 \| [0-9.]+ \| [0-9.]+ \|", report)
+
+
+def test_cli_evaluate(tmp_path):
+    for name, seed in (("ref", 10), ("gen", 11)):
+        write_lemurs(tmp_path / f"{name}.h5", generate("odd", 200, seed=seed), {"detector": "odd"})
+    runner = CliRunner()
+    args = ["evaluate", "--reference", str(tmp_path / "ref.h5"), "--generated", str(tmp_path / "gen.h5"),
+            "--out", str(tmp_path / "eval"), "--metrics", "fpd,kpd", "--metrics", "fixed_points",
+            "--point", "50,1.5708"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert re.search(r"fpd x 1e3: \S+ \+- \S+", res.output) and "report:" in res.output
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["metrics"] == ["fpd", "kpd", "fixed_points"] and "auc_low" not in saved
+    assert saved["fixed_points"][0]["energy_mev"] == 50_000.0 and saved["fixed_points"][0]["phi"] is None
+    res = runner.invoke(app, args[:-4] + ["--metrics", "fpd,bogus"])
+    assert res.exit_code != 0 and "'bogus'" in res.output
