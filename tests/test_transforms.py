@@ -26,6 +26,15 @@ def test_inverse_of_forward_is_identity_above_threshold():
                                rtol=2e-5, atol=0)
 
 
+def test_generated_cells_are_capped_at_the_largest_training_deposit():
+    x = showers(4)
+    norm = Normalizer.fit([x])
+    assert norm.log_max == pytest.approx(np.log(x.max().astype(np.float64) + 1e-6))
+    z = norm.forward(x)
+    z[0, 0, 0, 0] = z.max() + 5.0  # an outlier cell far above anything in the data
+    assert norm.inverse(z)[0, 0, 0, 0] == pytest.approx(x.max(), rel=1e-5)
+
+
 def test_streaming_statistics_equal_full_pass():
     parts = [showers(s, n) for s, n in ((1, 7), (2, 30), (3, 13))]
     streamed = Normalizer.fit(iter(parts))
@@ -43,7 +52,7 @@ def test_normalizer_serialises_and_rejects_unknown_keys():
 
 def test_condition_encoding():
     c = encode_conditions([1e5, 1e6], [np.pi / 2, np.pi], [0.0, np.pi / 2], 2, 5)
-    expected = torch.tensor([[0.1, 0.5, 0.0, 1.0, 0, 0, 1, 0, 0], [1.0, 1.0, 1.0, 0.0, 0, 0, 1, 0, 0]])
+    expected = torch.tensor([[2 / 3, 0.5, 0.0, 1.0, 0, 0, 1, 0, 0], [1.0, 1.0, 1.0, 0.0, 0, 0, 1, 0, 0]])  # ln E scaled
     torch.testing.assert_close(c, expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="slot 5 outside"):
         encode_conditions([1e5], [1.0], [0.0], 5, 5)

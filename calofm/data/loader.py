@@ -49,7 +49,8 @@ def find_detector_files(source: str | Path, detectors: list[str]) -> dict[str, P
     return found
 
 
-def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, chunk_size: int = 1024) -> Normalizer:
+def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, chunk_size: int = 1024,
+                   eps: float = 1e-6) -> Normalizer:
     """ONE scalar mean/std over all given detectors together, in one streaming pass."""
 
     def chunks():
@@ -59,7 +60,7 @@ def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, 
                 for start in range(0, n, chunk_size):
                     yield f.read(start, min(start + chunk_size, n)).showers
 
-    return Normalizer.fit(chunks())
+    return Normalizer.fit(chunks(), eps=eps)
 
 
 @dataclass

@@ -44,7 +44,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     """Train, then save the EMA model to `<output_dir>/model`; returns that folder."""
     accelerator = make_accelerator(cfg)
     files = find_detector_files(cfg.data.dir, cfg.data.detectors)
-    normalizer = fit_normalizer(files, cfg.data.max_per_detector)
+    normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps)
     slot_map = default_slot_map(cfg.data.detectors)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, n_slots=len(slot_map) + cfg.model.n_free_slots, slot_map=slot_map,
