@@ -1,8 +1,18 @@
-"""Consistency models (Song et al. 2023): boundary-condition scalings for distilled one-step samplers."""
+"""Consistency models (Song et al. 2023): boundary scalings, the consistency-distillation loss and the samplers.
+
+Pure functions of tensors, in the paper's symbols: `f` is the consistency function f_theta(x, sigma, cond) (a
+denoiser callable with the boundary scalings, see `calofm.diffusion.denoiser`), `f_target` its EMA target
+f_theta^-, and `D_teacher` the frozen EDM denoiser whose probability-flow ODE is being distilled. Time is EDM's
+sigma, so t_1 = epsilon = sigma_min and t_N = T = sigma_max.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from calofm.diffusion.edm import Denoiser, EDMParams, heun_step, karras_sigmas
 
 
 def boundary_scalings(sigma: torch.Tensor, sigma_data: float, sigma_min: float):
@@ -10,3 +20,72 @@ def boundary_scalings(sigma: torch.Tensor, sigma_data: float, sigma_min: float):
     c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
     c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2).sqrt()
     return c_skip, c_out
+
+
+def boundaries(N: int, p: EDMParams, device=None) -> torch.Tensor:
+    """t_1 = sigma_min < t_2 < ... < t_N = sigma_max: EDM's Karras schedule with N levels, in ascending order.
+
+    float32, as the networks see sigma; t_1 is set to sigma_min exactly so the boundary condition is exact.
+    """
+    if N < 2:
+        raise ValueError(f"consistency distillation needs N >= 2 boundaries, got {N}")
+    t = karras_sigmas(N, p.sigma_min, p.sigma_max, p.rho, device)[:-1].flip(0).to(torch.float32)
+    t[0] = p.sigma_min
+    return t
+
+
+def cd_loss(f: Denoiser, f_target: Denoiser, D_teacher: Denoiser, x: torch.Tensor, cond: torch.Tensor,
+            p: EDMParams, N: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """L_CD = E[ d(f(x_{n+1}, t_{n+1}), f^-(x_hat_n, t_n)) ] with d the squared L2 distance and lambda(t_n) = 1.
+
+    Per sample: n ~ U{1, ..., N-1}, x_{n+1} = x + t_{n+1} z, and x_hat_n one Heun step of the teacher's
+    probability-flow ODE from t_{n+1} to t_n (`edm.heun_step`). Only the student f receives gradients.
+    """
+    t = boundaries(N, p, x.device)
+    n = torch.randint(0, N - 1, (x.shape[0],), generator=generator, device=x.device)  # 0-based: t[n] = t_n
+    t_n, t_n1 = t[n], t[n + 1]
+    z = torch.randn(x.shape, generator=generator, device=x.device)
+    x_n1 = x + t_n1.view(-1, 1, 1, 1) * z
+    with torch.no_grad():
+        x_hat_n = heun_step(D_teacher, x_n1, t_n1, t_n, cond)
+        target = f_target(x_hat_n, t_n, cond)
+    return ((f(x_n1, t_n1, cond) - target) ** 2).mean()
+
+
+def multistep_sigmas(steps: int, p: EDMParams) -> list[float]:
+    """tau_1 = sigma_max > tau_2 > ... > tau_k: the first k levels of EDM's Karras schedule with k + 1 levels.
+
+    The last level of that schedule is sigma_min, where f is the identity, so it is dropped; the levels in
+    between are spaced as in EDM sampling (uniform in sigma^(1/rho)). k = 1: [80]; k = 2: [80, 2.52];
+    k = 3: [80, 9.72, 0.47]; k = 4: [80, 17.5, 2.52, 0.17].
+    """
+    if steps < 1:
+        raise ValueError(f"consistency sampling needs steps >= 1, got {steps}")
+    return karras_sigmas(steps + 1, p.sigma_min, p.sigma_max, p.rho)[:steps].tolist()
+
+
+def one_step_sample(f: Denoiser, noise: torch.Tensor, cond: torch.Tensor, p: EDMParams) -> torch.Tensor:
+    """x = f(T z, T) with T = sigma_max: the whole probability-flow ODE in one network evaluation."""
+    T = noise.new_full((noise.shape[0],), p.sigma_max, dtype=torch.float32)
+    return f(noise.to(torch.float32) * p.sigma_max, T, cond)
+
+
+@torch.no_grad()
+def multistep_sample(f: Denoiser, noise: torch.Tensor, cond: torch.Tensor, p: EDMParams, steps: int = 1,
+                     generator: torch.Generator | None = None, progress: Callable | None = None) -> torch.Tensor:
+    """Song et al. algorithm 1: one step from T, then k - 1 times re-noise to tau_n and denoise with f.
+
+    x_{tau_n} = x + sqrt(tau_n^2 - epsilon^2) z; the levels tau_n are `multistep_sigmas(steps)`. steps = 1 is the
+    one-step sampler.
+    """
+    taus = multistep_sigmas(steps, p)
+    x = one_step_sample(f, noise, cond, p)
+    if progress is not None:
+        progress()
+    for tau in taus[1:]:
+        z = torch.randn(x.shape, generator=generator, device=x.device)
+        x_tau = x + (tau**2 - p.sigma_min**2) ** 0.5 * z
+        x = f(x_tau, x.new_full((x.shape[0],), tau), cond)
+        if progress is not None:
+            progress()
+    return x

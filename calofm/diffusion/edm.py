@@ -58,14 +58,21 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float, de
     return torch.cat([s, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
-def heun_step(D: Denoiser, x: torch.Tensor, sigma: float, sigma_next: float, cond: torch.Tensor) -> torch.Tensor:
-    """One deterministic step of EDM algorithm 1 from sigma to sigma_next (Euler when sigma_next = 0)."""
+def heun_step(D: Denoiser, x: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor,
+              cond: torch.Tensor) -> torch.Tensor:
+    """One deterministic step of EDM algorithm 1 from sigma to sigma_next (Euler when sigma_next = 0).
+
+    sigma and sigma_next are floats, or (B,) tensors for a different step per sample (consistency distillation).
+    """
+    heun = bool((torch.as_tensor(sigma_next) > 0).all())  # decided before x enters, so a trace stays static
     ones = x.new_ones(x.shape[0])
-    d = (x - D(x, sigma * ones, cond)) / sigma
-    x_next = x + (sigma_next - sigma) * d
-    if sigma_next > 0:
-        d2 = (x_next - D(x_next, sigma_next * ones, cond)) / sigma_next
-        x_next = x + (sigma_next - sigma) * (d + d2) / 2
+    sigma, sigma_next = sigma * ones, sigma_next * ones
+    s, s_next = sigma.view(-1, 1, 1, 1), sigma_next.view(-1, 1, 1, 1)
+    d = (x - D(x, sigma, cond)) / s
+    x_next = x + (s_next - s) * d
+    if heun:
+        d2 = (x_next - D(x_next, sigma_next, cond)) / s_next
+        x_next = x + (s_next - s) * (d + d2) / 2
     return x_next
 
 

@@ -1,0 +1,100 @@
+"""Consistency distillation of an EDM model into a one-step sampler (CaloDiT-2 section 3.1.2, Song et al. 2023).
+
+Three networks of one architecture: the frozen EDM teacher, the student (initialised from the teacher, trained by
+the shared loop) and the target, an EMA of the student with constant mu. As in the paper, the teacher is
+"distilled into the target model": the target is what is saved. The loop's own stability EMA is off (the paper
+keeps only these three networks); the target is registered for checkpointing, so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calofm.config import RunConfig
+from calofm.data.loader import find_detector_files
+from calofm.data.transforms import Normalizer
+from calofm.diffusion import denoiser
+from calofm.diffusion.consistency import cd_loss
+from calofm.diffusion.edm import EDMParams
+from calofm.hub import load_model
+from calofm.models.dit import CaloDiT
+from calofm.train.ema import EMA, constant_decay
+from calofm.train.loop import latest_checkpoint, make_accelerator, save_model, train
+
+
+def cd_sampler(steps: int) -> dict:
+    """Sampler defaults saved with a consistency model (levels: `consistency.multistep_sigmas`)."""
+    return {"name": "consistency", "steps": steps, "rho": EDMParams().rho}
+
+
+class CDObjective:
+    """L_CD of `consistency.cd_loss` for the shared loop; `target` (an EMA) is updated after every step."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, N: int = 32, mu: float = 0.95,
+                 params: EDMParams = EDMParams()):
+        if getattr(teacher, "objective", "edm") != "edm":
+            raise ValueError(f"the teacher must be an EDM model, but its objective is {teacher.objective!r}")
+        if not 0.0 <= mu < 1.0:
+            raise ValueError(f"distill.mu must be in [0, 1), got {mu}")
+        self.params, self.N = params, N
+        teacher.requires_grad_(False).eval()
+        self.D_teacher = denoiser(teacher, params, objective="edm")
+        self.target = EMA(student, constant_decay(mu))
+        self.f_target = denoiser(self.target.model, params, objective="cd")
+
+    def loss(self, net: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        f = denoiser(net, self.params, objective="cd")
+        return cd_loss(f, self.f_target, self.D_teacher, batch["x"], batch["cond"], self.params, self.N, generator)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.target.update(model, step)
+
+    def checkpoint_objects(self) -> list:
+        return [self.target]
+
+
+def student_from(teacher: CaloDiT, **config) -> CaloDiT:
+    """A consistency model of the teacher's architecture, slot map and normaliser, starting from its weights."""
+    student = CaloDiT(preset=teacher.preset, depth=teacher.depth, width=teacher.width, heads=teacher.heads,
+                      mlp_dim=teacher.mlp_dim, patch=list(teacher.patch), n_slots=teacher.n_slots,
+                      slot_map=teacher.slot_map, normalizer=teacher.normalizer, objective="cd", **config)
+    student.load_state_dict(teacher.state_dict())
+    return student
+
+
+def distill(cfg: RunConfig, resume: bool = False) -> Path:
+    """Distil cfg.distill.teacher, then save the target network to `<output_dir>/model`; returns that folder.
+
+    Detectors: cfg.data.detectors, or all of the teacher's slot map when that list is empty.
+    """
+    d = cfg.distill
+    if not d.teacher:
+        raise ValueError("distill.teacher is not set: pass --teacher MODEL or set distill.teacher in the recipe")
+    if d.n_boundaries < 2 or d.sample_steps < 1:
+        raise ValueError(f"need distill.n_boundaries >= 2 and distill.sample_steps >= 1, got {d.n_boundaries} "
+                         f"and {d.sample_steps}")
+    accelerator = make_accelerator(cfg)
+    teacher = load_model(d.teacher)
+    if teacher.normalizer is None:
+        raise ValueError(f"{d.teacher}: the teacher has no normaliser in its config; it was not trained by calofm")
+    detectors = list(cfg.data.detectors) or sorted(teacher.slot_map, key=teacher.slot_map.get)
+    files = find_detector_files(cfg.data.dir, detectors)
+    student = student_from(teacher, sampler=cd_sampler(d.sample_steps), provenance={
+        "stage": "distill", "teacher": str(d.teacher), "teacher_provenance": teacher.provenance,
+        "detectors": detectors, "steps": cfg.train.steps, "n_boundaries": d.n_boundaries, "mu": d.mu,
+        "weights": "target network (EMA of the student)", "data": str(cfg.data.dir)})
+    teacher.to(accelerator.device)
+    student.to(accelerator.device)
+    objective = CDObjective(teacher, student, d.n_boundaries, d.mu)
+    if resume and latest_checkpoint(cfg.output_dir) is None:
+        accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
+    train(cfg, student, objective, files, Normalizer.from_dict(teacher.normalizer), accelerator=accelerator,
+          resume=resume, use_ema=False, desc="distill")
+    out = Path(cfg.output_dir) / "model"
+    if accelerator.is_main_process:
+        save_model(objective.target.model, out)
+    accelerator.wait_for_everyone()
+    return out

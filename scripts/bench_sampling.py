@@ -1,0 +1,150 @@
+"""Sampling speed: EDM (32 Heun steps = 63 network evaluations) vs the distilled consistency model (1 step).
+
+Latency per shower at batch 1 with one thread (the paper's CPU setting: EDM 6.3 s, CD 101 ms), measured end to
+end through `calofm.diffusion.sample`; then throughput at larger batches with --threads (default: all). At large
+batches a full EDM run of the paper preset takes tens of minutes on a small CPU, so EDM throughput there is 63 x
+one timed network evaluation (the sampler's other work is a few element-wise ops; the batch-1 row checks this estimate
+against the measured end-to-end time). Timing needs no trained weights: the models are untrained (random
+initialisation), which costs exactly what trained weights cost.
+
+    python scripts/bench_sampling.py                      # paper preset, batches 16 64 256
+    python scripts/bench_sampling.py --preset tiny --batches 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from calofm.diffusion import denoiser, sample
+from calofm.diffusion.edm import EDMParams
+from calofm.io import atomic_write_text
+from calofm.models.dit import CaloDiT
+
+EDM_STEPS = 32
+EDM_EVALS = 2 * EDM_STEPS - 1
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                platform.machine())
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
+
+
+def timed(device: torch.device, repeats: int, fn, *args, **kwargs) -> float:
+    """Median wall time of `fn(*args, **kwargs)` in seconds, after one warm-up call."""
+    fn(*args, **kwargs)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        fn(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def inputs(model: CaloDiT, batch: int, device: torch.device):
+    g = torch.Generator(device).manual_seed(0)
+    noise = torch.randn(batch, 9, 16, 45, generator=g, device=device)
+    cond = torch.zeros(batch, 4 + model.n_slots, device=device)
+    cond[:, 0], cond[:, 1], cond[:, 3], cond[:, 4] = 0.05, 0.5, 1.0, 1.0
+    return noise, cond
+
+
+@torch.inference_mode()
+def run(preset: str, batches: list[int], repeats: int, device: torch.device, threads: int) -> dict:
+    torch.manual_seed(0)
+    edm = CaloDiT.from_preset(preset, objective="edm").to(device).eval()
+    cd = CaloDiT.from_preset(preset, objective="cd").to(device).eval()
+    cd.load_state_dict(edm.state_dict())
+    D = denoiser(edm, EDMParams())
+
+    torch.set_num_threads(1)
+    noise, cond = inputs(edm, 1, device)
+    latency = {
+        "edm": timed(device, max(1, repeats // 4), sample, edm, noise, cond, steps=EDM_STEPS),
+        "edm_est": EDM_EVALS * timed(device, repeats, D, noise, torch.ones(1, device=device), cond),
+        "cd": timed(device, repeats, sample, cd, noise, cond, steps=1),
+    }
+    torch.set_num_threads(threads)
+    throughput = []
+    for b in batches:
+        noise, cond = inputs(edm, b, device)
+        sigma = torch.ones(b, device=device)
+        t_eval = timed(device, max(1, repeats // 4), D, noise, sigma, cond)
+        t_cd = timed(device, max(1, repeats // 4), sample, cd, noise, cond, steps=1)
+        throughput.append({"batch": b, "edm": b / (EDM_EVALS * t_eval), "cd": b / t_cd})
+    return {"latency": latency, "throughput": throughput, "threads": threads,
+            "params": sum(p.numel() for p in edm.parameters())}
+
+
+def report(r: dict, preset: str, device: torch.device) -> str:
+    lat = r["latency"]
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows = "\n".join(f"| {t['batch']} | {t['edm']:.2f} | {t['cd']:.1f} | {t['cd'] / t['edm']:.0f}x |"
+                     for t in r["throughput"])
+    return (
+        f"\n## Sampling speed: EDM 32 Heun steps vs CD 1 step ({datetime.date.today()})\n\n"
+        f"`python {' '.join(sys.argv)}`"
+        f" on {machine(device)}; load average {load} while it ran. Preset `{preset}` "
+        f"({r['params'] / 1e6:.2f} M parameters) with untrained weights (speed does not depend on their values).\n\n"
+        "Latency per shower, batch 1, one thread:\n\n"
+        "| sampler | network evaluations | latency |\n|---|---|---|\n"
+        f"| EDM, 32 Heun steps | {EDM_EVALS} | {lat['edm'] * 1e3:.0f} ms |\n"
+        f"| EDM, {EDM_EVALS} x one timed evaluation (check of the estimate below) | {EDM_EVALS} | "
+        f"{lat['edm_est'] * 1e3:.0f} ms |\n"
+        f"| CD, 1 step | 1 | {lat['cd'] * 1e3:.1f} ms |\n\n"
+        f"CD is **{lat['edm'] / lat['cd']:.0f}x** faster than EDM at batch 1 (paper, one CPU thread: 6.3 s vs "
+        "101 ms, 62x).\n\n"
+        f"Throughput, {r['threads']} torch thread(s) (EDM: {EDM_EVALS} x one timed evaluation at that batch):\n\n"
+        "| batch | EDM showers/s | CD showers/s | CD / EDM |\n|---|---|---|---|\n"
+        f"{rows}\n")
+
+
+def append_results(text: str, path: Path) -> None:
+    head = "" if path.exists() else f"# Benchmarks\n\nMachine: {cpu_model()}, {os.cpu_count()} logical CPUs.\n"
+    atomic_write_text(path, (path.read_text() if path.exists() else head) + text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="paper", help="model preset (paper | small | tiny)")
+    ap.add_argument("--batches", type=int, nargs="*", default=[16, 64, 256], help="batch sizes for throughput")
+    ap.add_argument("--repeats", type=int, default=8, help="timed repeats (median); EDM runs use a quarter")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the throughput runs")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to append to")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    r = run(args.preset, args.batches, args.repeats, device, args.threads)
+    text = report(r, args.preset, device)
+    append_results(text, args.out)
+    print(text)
+    speedup = r["latency"]["edm"] / r["latency"]["cd"]
+    if speedup < 40:
+        raise SystemExit(f"CD is only {speedup:.1f}x faster than EDM at batch 1 (acceptance: >= 40x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Consistency distillation: the boundary condition, the loss's definition, the target EMA, training and resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from calofm.config import load_config
+from calofm.diffusion import consistency, denoiser, edm, sample
+from calofm.diffusion.consistency import boundaries, cd_loss, multistep_sample, multistep_sigmas
+from calofm.diffusion.edm import EDMParams
+from calofm.models.dit import CaloDiT
+from calofm.train.distill import CDObjective, distill, student_from
+
+P = EDMParams()
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "distill-tiny.yaml"
+
+
+def random_cd_model(seed=0) -> CaloDiT:
+    """A cd-objective CaloDiT whose every weight is random (none of adaLN-Zero's zeros), so F(x) != 0."""
+    torch.manual_seed(seed)
+    model = CaloDiT.from_preset("tiny", objective="cd")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def oracle(x, sigma, cond):
+    """The exact EDM denoiser of Gaussian data N(0, sigma_data^2)."""
+    return (P.sigma_data**2 / (sigma**2 + P.sigma_data**2)).view(-1, 1, 1, 1) * x
+
+
+def test_boundary_condition_is_exact_for_random_weights():
+    model = random_cd_model()
+    f = denoiser(model, P)
+    x = torch.randn(4, 9, 16, 45)
+    cond = torch.rand(4, 4 + model.n_slots)
+    assert torch.equal(f(x, torch.full((4,), P.sigma_min), cond), x)
+    assert not torch.allclose(f(x, torch.full((4,), 0.5), cond), x, atol=1e-2)  # the network does contribute
+
+
+def test_boundaries_are_the_edm_schedule_ascending():
+    t = boundaries(32, P)
+    s = edm.karras_sigmas(32, P.sigma_min, P.sigma_max, P.rho)[:-1].flip(0).float()
+    assert len(t) == 32 and t[0].item() == pytest.approx(P.sigma_min) and t[-1].item() == pytest.approx(P.sigma_max)
+    torch.testing.assert_close(t, s)
+    assert multistep_sigmas(1, P) == [P.sigma_max]
+    assert multistep_sigmas(2, P)[1] == pytest.approx(2.515, abs=1e-3)
+
+
+def test_cd_loss_is_heun_step_of_teacher_then_l2_to_target(monkeypatch):
+    """The loss, recomputed sample by sample with edm.heun_step on float sigmas, and the teacher step's callee."""
+    assert consistency.heun_step is edm.heun_step
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return edm.heun_step(*args)
+
+    monkeypatch.setattr(consistency, "heun_step", spy)
+    f = lambda x, sigma, c: 0.9 * x + 0.1 * sigma.view(-1, 1, 1, 1)  # noqa: E731
+    f_target = lambda x, sigma, c: 0.8 * x - 0.2 * sigma.view(-1, 1, 1, 1)  # noqa: E731
+    x = torch.randn(6, 9, 16, 45, generator=torch.Generator().manual_seed(1)) * P.sigma_data
+    loss = cd_loss(f, f_target, oracle, x, None, P, N=32, generator=torch.Generator().manual_seed(2))
+    assert len(calls) == 1 and calls[0][0] is oracle
+
+    g = torch.Generator().manual_seed(2)  # the same draws, in the same order, as inside cd_loss
+    n = torch.randint(0, 31, (6,), generator=g)
+    z = torch.randn(x.shape, generator=g)
+    t = boundaries(32, P).tolist()
+    terms = []
+    for i in range(6):
+        t_n, t_n1 = t[n[i]], t[n[i] + 1]
+        x_n1 = x[i:i + 1] + t_n1 * z[i:i + 1]
+        x_hat = edm.heun_step(oracle, x_n1, t_n1, t_n, None)
+        torch.testing.assert_close(calls[0][1][i:i + 1], x_n1)
+        target = f_target(x_hat, torch.tensor([t_n]), None)
+        terms.append(((f(x_n1, torch.tensor([t_n1]), None) - target) ** 2).mean())
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-5, atol=0)
+
+
+def test_target_is_an_ema_of_the_student_and_only_the_student_learns():
+    teacher = CaloDiT.from_preset("tiny")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, 0.05)
+    student = student_from(teacher)
+    objective = CDObjective(teacher, student, N=32, mu=0.95)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    before = [p.detach().clone() for p in objective.target.model.parameters()]
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    batch = {"x": torch.randn(4, 9, 16, 45), "cond": torch.rand(4, 4 + student.n_slots)}
+    objective.loss(student, batch, torch.Generator().manual_seed(0)).backward()
+    opt.step()
+    objective.after_step(student, 1)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in objective.target.model.parameters())
+    moved = 0
+    for b, e, s in zip(before, objective.target.model.parameters(), student.parameters()):
+        torch.testing.assert_close(e, 0.95 * b + 0.05 * s.detach(), rtol=1e-6, atol=1e-7)
+        moved += not torch.equal(b, s)
+    assert moved > 0
+
+
+def test_multistep_sampler_renoises_between_steps():
+    f = lambda x, sigma, c: torch.zeros_like(x)  # noqa: E731  # f = 0: the output is what the last step saw
+    seen = []
+
+    def f_spy(x, sigma, c):
+        seen.append((x.std().item(), sigma[0].item()))
+        return f(x, sigma, c)
+
+    noise = torch.randn(64, 9, 16, 45, generator=torch.Generator().manual_seed(0))
+    multistep_sample(f_spy, noise, None, P, steps=3, generator=torch.Generator().manual_seed(1))
+    taus = multistep_sigmas(3, P)
+    assert [s for _, s in seen] == pytest.approx(taus)
+    for (std, _), tau in zip(seen, taus):  # x_tau = 0 + sqrt(tau^2 - eps^2) z
+        assert std == pytest.approx((tau**2 - P.sigma_min**2) ** 0.5, rel=0.01)
+
+
+def distill_cfg(data_dir, teacher, out, steps, **extra):
+    sets = [f"data.dir={data_dir}", f"output_dir={out}", f"train.steps={steps}", "train.batch_size=16",
+            "train.log_every=1", "train.lr=5e-4", "data.chunk_size=64"] + [f"{k}={v}" for k, v in extra.items()]
+    cfg = load_config(RECIPE, sets)
+    cfg.distill.teacher = str(teacher)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, data_dir, tiny_edm):
+    out = tmp_path_factory.mktemp("distill")
+    return distill(distill_cfg(data_dir, tiny_edm, out, 80, **{"train.checkpoint_every": 40}))
+
+
+def test_cd_loss_falls_and_saved_model_samples(distilled, tiny_edm):
+    rows = [json.loads(line) for line in (distilled.parent / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 80
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.8 * first, (first, last)
+
+    model = CaloDiT.from_pretrained(distilled)
+    assert model.objective == "cd" and model.sampler["steps"] == 1 and model.sampler["name"] == "consistency"
+    teacher = CaloDiT.from_pretrained(tiny_edm)
+    assert model.slot_map == teacher.slot_map and model.normalizer == teacher.normalizer
+    assert model.provenance["teacher"] == str(tiny_edm) and model.provenance["steps"] == 80
+    cond = torch.zeros(3, 4 + model.n_slots)
+    cond[:, 4] = 1
+    noise = torch.randn(3, 9, 16, 45, generator=torch.Generator().manual_seed(0))
+    f = denoiser(model, P)
+    x = sample(model, noise, cond)  # dispatches on model.objective: one evaluation of f at sigma_max
+    torch.testing.assert_close(x, f(noise * P.sigma_max, torch.full((3,), P.sigma_max), cond))
+
+
+def test_resume_equals_uninterrupted_run(distilled, data_dir, tiny_edm, tmp_path):
+    """Resume from the uninterrupted run's step-40 checkpoint: the shipped target weights come out identical."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(distilled.parent / "checkpoints" / "step_0000040", resumed / "checkpoints" / "step_0000040")
+    with pytest.raises(ValueError, match="pass --resume"):
+        distill(distill_cfg(data_dir, tiny_edm, resumed, 80, **{"train.checkpoint_every": 40}))
+    out = distill(distill_cfg(data_dir, tiny_edm, resumed, 80, **{"train.checkpoint_every": 40}), resume=True)
+    a, b = CaloDiT.from_pretrained(distilled).state_dict(), CaloDiT.from_pretrained(out).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_distill_refuses_a_missing_or_non_edm_teacher(distilled, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="distill.teacher is not set"):
+        distill(distill_cfg(data_dir, "", tmp_path / "a", 2))
+    with pytest.raises(ValueError, match="must be an EDM model"):
+        distill(distill_cfg(data_dir, distilled, tmp_path / "b", 2))
