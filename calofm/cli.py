@@ -154,7 +154,8 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
     if recipe is None:
         cfg = default_run(cfg, {s.split("=", 1)[0].strip() for s in set_ or []} | ({"output_dir"} if out else set()))
     folder = run(cfg, resume=resume)
-    typer.echo(f"adapted models saved to {folder / 'edm'} (EDM) and {folder / 'cd'} (CD)")
+    saved = [str(folder / stage) for stage in ("edm", "cd") if (folder / stage).is_dir()]
+    typer.echo(f"adapted models saved to {' and '.join(saved)}")
 
 
 @app.command()

@@ -211,7 +211,7 @@ def stage_adapt(ctx: DemoContext) -> None:
             f"output_dir={out}", f"adapt.pretrained={ctx.path('pretrain', 'model')}",
             f"adapt.pretrained_cd={ctx.path('distill', 'model')}", f"adapt.detector={NEW_DETECTOR}",
             f"adapt.data={ctx.path('data', 'train', NEW_DETECTOR + '.h5')}", "adapt.mode=full", "adapt.n_train=null",
-            f"train.steps={ctx.steps(500)}", f"adapt.cd_steps={ctx.steps(300)}"])
+            f"train.steps={ctx.steps(300)}", f"adapt.cd_steps={ctx.steps(300)}"])
         adapt(cfg, resume=True)
     with open_showers(ctx.path("data", "test", f"{NEW_DETECTOR}.h5")) as f:
         test = f.read()

@@ -2,17 +2,19 @@
 
 On synthetic fccee_allegro showers (the detector held out of pretraining), for each number of training showers
 and number of steps, train (a) the pretrained tiny EDM adapted with `calofm.train.adapt` and (b) the same
-architecture from scratch on that detector alone with `calofm.train.pretrain`; score each by FPD of the CaloChallenge
-high-level features of generated vs held-out showers at the held-out showers' conditions. Writes
-benchmarks/adaptation.{md,png,json}.
+architecture from scratch on that detector alone with `calofm.train.pretrain`; score each by FPD of the
+CaloChallenge high-level features of generated vs held-out showers at the held-out showers' conditions.
+Writes benchmarks/adaptation.{md,png,json}.
 
 EDM stage only (adapt.cd_steps = 0): the consistency stage would double the time and is the same for both arms.
 The pretrained model (4 detectors, tiny preset) is `--pretrained`, or is trained here once and cached in --work,
 like the data; every finished run is cached in --work/results/, so an interrupted study continues and two
 processes can share it (one per arm; the scratch arm needs no pretrained model):
 
-    python scripts/study_adaptation.py --arms scratch &   # while the other process pretrains
-    python scripts/study_adaptation.py                    # pretrains, adapts, then writes the table and plot
+    python scripts/study_adaptation.py                    # one process: ~27 min of compute on 2 shared cores
+    python scripts/study_adaptation.py --arms scratch &   # or two: the scratch arm needs no pretrained model,
+    python scripts/study_adaptation.py --arms adapted     # this one pretrains (cached) and adapts,
+    python scripts/study_adaptation.py                    # and, all runs cached, this writes the table and plot
     python scripts/study_adaptation.py --quick            # a smoke run of the whole pipeline
 """
 
@@ -51,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-train", type=int, nargs="+", default=[1000, 5000], help="training showers")
     p.add_argument("--steps", type=int, nargs="+", default=[200, 800], help="training steps")
     p.add_argument("--mode", default="full", choices=["full", "lora", "conditioning"])
-    p.add_argument("--lr-adapt", type=float, default=3e-4)
+    p.add_argument("--lr-adapt", type=float, help="default: the recipes/adapt-MODE.yaml rate (full: 1e-4)")
     p.add_argument("--lr-scratch", type=float, default=1e-3, help="the pretrain-tiny recipe's rate")
     p.add_argument("--n-test", type=int, default=1000, help="held-out showers (and generated ones)")
     p.add_argument("--sample-steps", type=int, default=12, help="EDM Heun steps when generating")
@@ -69,6 +71,7 @@ def parse_args() -> argparse.Namespace:
         args.out = args.work / "adaptation"
         args.n_train, args.steps, args.n_test, args.sample_steps = [200, 400], [10, 20], 200, 4
         args.n_pretrain, args.pretrain_steps = 300, 20
+    args.lr_adapt = args.lr_adapt or load_config(ROOT / "recipes" / f"adapt-{args.mode}.yaml").train.lr
     return args
 
 
@@ -136,25 +139,25 @@ def write_outputs(args, results: dict, meta: dict) -> None:
     with atomic_path(args.out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
 
-    lines = [f"| {r['init']} | {r['n_train']:,} | {r['steps']:,} | {r['train_s']:.0f} | "
-             f"{1e3 * r['fpd']:.2f} ± {1e3 * r['fpd_err']:.2f} |" for r in rows]
+    lines = [f"| {r['init']} | {r['n_train']:,} | {r['steps']:,} | {r['train_s']:.0f} | {r['generate_s']:.0f} | "
+             f"{r['fpd']:.2f} ± {r['fpd_err']:.2f} |" for r in rows]
     atomic_write_text(args.out.with_suffix(".md"), "\n".join([
         "# Adaptation vs training from scratch (synthetic fccee_allegro)",
         "",
         f"Tiny preset; pretrained on {', '.join(PRETRAIN_DETECTORS)} ({meta['pretrain']}). Adapted: "
         f"`calofm.train.adapt`, mode `{args.mode}`, lr {args.lr_adapt:g}; scratch: `calofm.train.pretrain` on "
         f"{NEW_DETECTOR} alone, lr {args.lr_scratch:g}. Both: batch 64, WSD schedule, EMA, EDM stage only (the "
-        "CD stage would double the time and is common to both arms). FPD (x1e3, lower is better) of the "
+        "CD stage would double the time and is common to both arms). FPD (lower is better) of the "
         f"high-level features of {args.n_test:,} generated showers ({args.sample_steps} Heun steps) vs "
         f"{args.n_test:,} held-out showers at the same conditions. Floor: FPD of {args.n_test:,} training "
-        f"showers vs the held-out set = {1e3 * meta['floor'][0]:.2f} ± {1e3 * meta['floor'][1]:.2f}.",
+        f"showers vs the held-out set = {meta['floor'][0]:.3f} ± {meta['floor'][1]:.3f}.",
         "",
         f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); pretraining, training and generation took "
         f"{meta['compute_s'] / 60:.1f} min in all (train time per run below; other jobs shared the cores, so the "
         "times are indicative).",
         "",
-        "| init | training showers | steps | train time [s] | FPD x1e3 |",
-        "|---|---|---|---|---|",
+        "| init | training showers | steps | train time [s] | generation time [s] | FPD |",
+        "|---|---|---|---|---|---|",
         *lines,
         "",
         f"![FPD vs steps]({args.out.with_suffix('.png').name})",
@@ -164,17 +167,19 @@ def write_outputs(args, results: dict, meta: dict) -> None:
     ]))
 
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
 
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for (init, n), marker in zip(sorted({(r["init"], r["n_train"]) for r in rows}), "osD^v<>", strict=False):
         rs = sorted((r for r in rows if (r["init"], r["n_train"]) == (init, n)), key=lambda r: r["steps"])
-        ax.errorbar([r["steps"] for r in rs], [1e3 * r["fpd"] for r in rs], [1e3 * r["fpd_err"] for r in rs],
+        ax.errorbar([r["steps"] for r in rs], [r["fpd"] for r in rs], [r["fpd_err"] for r in rs],
                     marker=marker, ls="-" if init == "adapted" else "--", capsize=3,
                     label=f"{init}, {n:,} showers")
-    ax.axhline(1e3 * meta["floor"][0], color="grey", lw=1, ls=":", label="data vs held-out data")
-    ax.set(xlabel="training steps", ylabel="FPD x1e3 (held-out fccee_allegro)", xscale="log", yscale="log",
-           title="Adapted from pretrained vs from scratch")
+    ax.set(xlabel="training steps", ylabel="FPD vs held-out fccee_allegro", yscale="log",
+           title="Adapted from pretrained vs from scratch", xticks=sorted({r["steps"] for r in rows}))
+    for fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        fmt(FormatStrFormatter("%g"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     with atomic_path(args.out.with_suffix(".png"), suffix=".png") as tmp:
@@ -211,8 +216,7 @@ def main() -> None:
                 row = {"init": init, "n_train": n, "steps": steps, "train_s": train_s,
                        **score(model_dir, test, test_feats, args.sample_steps)}
                 atomic_write_text(cache / f"{key}.json", json.dumps(row))
-                print(f"{key}: train {train_s:.0f} s, FPD x1e3 = {1e3 * row['fpd']:.2f} ± {1e3 * row['fpd_err']:.2f}",
-                      flush=True)
+                print(f"{key}: train {train_s:.0f} s, FPD = {row['fpd']:.3g} ± {row['fpd_err']:.2g}", flush=True)
     wanted = {f"{i}-n{n}-s{s}" for i in ("adapted", "scratch") for n in args.n_train for s in args.steps}
     results = {p.stem: json.loads(p.read_text()) for p in cache.glob("*.json") if p.stem in wanted}
     if len(results) < len(wanted) or pretrained is None:

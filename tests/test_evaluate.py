@@ -87,8 +87,9 @@ def test_separation_power_limits():
     assert separation_power(a, a + 100, np.linspace(-5, 105, 50)) == pytest.approx(1.0)
     # one bin shared half/half, the rest disjoint: 1/2 [ (0.5-1)^2/1.5 + 0.5^2/0.5 ] = 1/3
     assert separation_power([0.5, 1.5], [0.5, 0.5], [0, 1, 2]) == pytest.approx(1 / 3)
-    with pytest.raises(ValueError, match="no entries"):
-        separation_power([5.0], [0.5], [0, 1])
+    assert separation_power([5.0], [0.5], [0, 1]) == 1.0  # wholly outside the other's range: fully separated
+    with pytest.raises(ValueError, match="neither sample has entries"):
+        separation_power([5.0], [7.0], [0, 1])
 
 
 def test_frechet_distance_closed_form():
@@ -277,3 +278,4 @@ def test_cli_evaluate(tmp_path):
     assert saved["fixed_points"][0]["energy_mev"] == 50_000.0 and saved["fixed_points"][0]["phi"] is None
     res = runner.invoke(app, args[:-4] + ["--metrics", "fpd,bogus"])
     assert res.exit_code != 0 and "'bogus'" in res.output
+

@@ -88,8 +88,10 @@ def separation_power(a: np.ndarray, b: np.ndarray, bins) -> float:
     edges = np.histogram_bin_edges(np.concatenate([a, b]), bins) if np.ndim(bins) == 0 else np.asarray(bins)
     h1 = np.histogram(a, edges)[0].astype(np.float64)
     h2 = np.histogram(b, edges)[0].astype(np.float64)
-    if h1.sum() == 0 or h2.sum() == 0:
-        raise ValueError(f"separation_power: a sample has no entries inside [{edges[0]:.4g}, {edges[-1]:.4g}]")
+    if h1.sum() == 0 and h2.sum() == 0:
+        raise ValueError(f"separation_power: neither sample has entries inside [{edges[0]:.4g}, {edges[-1]:.4g}]")
+    if h1.sum() == 0 or h2.sum() == 0:  # one sample lies wholly outside the other's range: fully separated
+        return 1.0
     h1, h2 = h1 / h1.sum(), h2 / h2.sum()
     total = h1 + h2
     keep = total > 0
