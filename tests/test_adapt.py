@@ -14,7 +14,7 @@ from calofm.data.loader import find_detector_files, fit_normalizer
 from calofm.data.transforms import encode_conditions
 from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
-from calofm.train.adapt import adapt, allocate_slot, reconfigure, resolve_pretrained, select_trainable
+from calofm.train.adapt import adapt, allocate_slot, resolve_pretrained, select_trainable
 from calofm.train.distill import cd_sampler
 from calofm.train.loop import save_model
 from calofm.train.pretrain import EDM_SAMPLER
@@ -35,7 +35,7 @@ def pretrained(tmp_path_factory, data_dir):
     with torch.no_grad():
         for p in edm.parameters():  # adaLN-Zero starts at the identity: give every layer a gradient path
             p.add_(0.05 * torch.randn_like(p))
-    cd = reconfigure(edm, objective="cd", sampler=cd_sampler(1), provenance={"stage": "distill"})
+    cd = edm.with_config(objective="cd", sampler=cd_sampler(1), provenance={"stage": "distill"})
     with torch.no_grad():
         for p in cd.parameters():
             p.add_(0.01 * torch.randn_like(p))

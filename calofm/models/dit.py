@@ -186,6 +186,13 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return rearrange(h, "b (r p z) (pr pp pz) -> b (r pr) (p pp) (z pz)",
                          r=gr, p=gp, z=gz, pr=pr, pp=pp, pz=pz)
 
+    def with_config(self, **changes) -> CaloDiT:
+        """The same weights under an updated config (slot map, objective, sampler, provenance): the mixin saves
+        the constructor arguments, so a changed config means building the model again."""
+        new = type(self)(**{**self._hub_mixin_config, **changes})
+        new.load_state_dict(self.state_dict())
+        return new
+
     def conditioning_parameter_names(self) -> list[str]:
         """The condition embedding and adaLN modulation: what `conditioning`-only adaptation trains."""
         return [n for n, _ in self.named_parameters() if n.startswith(("t_embed", "cond_embed")) or ".adaLN." in n]

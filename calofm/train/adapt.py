@@ -73,14 +73,6 @@ def allocate_slot(slot_map: dict[str, int], n_slots: int, detector: str, continu
     return free[0]
 
 
-def reconfigure(model: CaloDiT, **changes) -> CaloDiT:
-    """The same weights under an updated config: the mixin saves the constructor arguments, so a new slot map or
-    provenance means building the model again."""
-    new = CaloDiT(**{**model._hub_mixin_config, **changes})
-    new.load_state_dict(model.state_dict())
-    return new
-
-
 def select_trainable(model: CaloDiT, mode: str, lora_rank: int = 16, lora_alpha: int = 32,
                      lora_dropout: float = 0.0, lora_targets: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """`model` with requires_grad set for `mode`; in LoRA mode a peft model wrapping it."""
@@ -185,7 +177,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         accelerator = make_accelerator(stage)
         accelerator.print(f"adapting {edm_ref} to {a.detector} in slot {slot} ({a.mode}, {n_train} showers)")
         torch.manual_seed(cfg.train.seed)
-        net = select_trainable(reconfigure(base, slot_map=slot_map, provenance={
+        net = select_trainable(base.with_config(slot_map=slot_map, provenance={
             **provenance, "stage": "adapt-edm", "steps": stage.train.steps}), a.mode, **lora)
         trained = train(stage, net, EDMObjective(), files, normalizer, accelerator=accelerator, resume=resume,
                         desc=f"adapt EDM ({a.mode})")
@@ -202,7 +194,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
                          "steps": stage.train.steps, "teacher": str(edm_dir),
                          "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
         if base_cd is not None:
-            student = reconfigure(base_cd, slot_map=slot_map, provenance=cd_provenance)
+            student = base_cd.with_config(slot_map=slot_map, provenance=cd_provenance)
         else:
             accelerator.print("no pretrained CD model: stage 2 starts the student from the adapted EDM")
             student = student_from(edm, sampler=cd_sampler(cfg.distill.sample_steps), provenance=cd_provenance)

@@ -58,11 +58,7 @@ class CDObjective:
 
 def student_from(teacher: CaloDiT, **config) -> CaloDiT:
     """A consistency model of the teacher's architecture, slot map and normaliser, starting from its weights."""
-    student = CaloDiT(preset=teacher.preset, depth=teacher.depth, width=teacher.width, heads=teacher.heads,
-                      mlp_dim=teacher.mlp_dim, patch=list(teacher.patch), n_slots=teacher.n_slots,
-                      slot_map=teacher.slot_map, normalizer=teacher.normalizer, objective="cd", **config)
-    student.load_state_dict(teacher.state_dict())
-    return student
+    return teacher.with_config(**{"objective": "cd", "sampler": {}, "provenance": {}, **config})
 
 
 def distill(cfg: RunConfig, resume: bool = False) -> Path:
