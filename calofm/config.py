@@ -26,6 +26,7 @@ class ModelConfig:
     width: int | None = None
     heads: int | None = None
     mlp_dim: int | None = None
+    patch: list[int] | None = None     # (r, phi, z) cells per token; must tile the 9 x 16 x 45 mesh
     n_free_slots: int = 1              # F free one-hot slots for adaptation (K + F = 5 in the Par04 contract)
 
 
@@ -36,6 +37,7 @@ class DataConfig:
     max_per_detector: int | None = None  # use only the first N showers of each detector
     chunk_size: int = 512              # showers read from HDF5 at once (streaming granularity)
     log_eps: float = 1e-6              # x -> log(x + log_eps) (the paper's 1e-6; the tiny recipes use 1e-2)
+    unit: str = "mev"                  # x -> log(x / unit + log_eps): mev | incident_energy | detector_response
     num_workers: int = 0
 
 

@@ -80,6 +80,10 @@ class Par04Generator(nn.Module):
         m = slot_matrix(model.slot_map, model.n_slots, slots)
         self.register_buffer("slot_matrix", m, persistent=False)
         self.register_buffer("supported", m.sum(1), persistent=False)
+        # the normaliser's unit per contract slot, in units of E_inc: the detector response, or 1
+        n = self.normalizer
+        response = [n.response[slots[s]] if n.unit == "detector_response" and slots[s] else 1.0 for s in CONTRACT_SLOTS]
+        self.register_buffer("slot_response", torch.tensor(response), persistent=False)
 
     def model_conditions(self, inputs: torch.Tensor) -> torch.Tensor:
         """The model's condition vector, laid out as `calofm.data.transforms.encode_conditions` lays it out."""
@@ -90,7 +94,8 @@ class Par04Generator(nn.Module):
         if noise is None:  # randn_like follows the input's device, so one graph serves CPU and CUDA
             noise = torch.randn_like(inputs[:, :1, None, None].expand(-1, *SHAPE))
         z = sample(self.model, noise, self.model_conditions(inputs), steps=self.steps)
-        gev = self.normalizer.inverse(z) / 1000.0
+        unit = None if self.normalizer.unit == "mev" else inputs[:, 0] * 1000.0 * (inputs[:, 3:] @ self.slot_response)
+        gev = self.normalizer.inverse(z, unit) / 1000.0
         unsupported = (inputs[:, 3:] @ self.supported < 0.5).view(-1, 1, 1, 1)
         return torch.where((gev < OUTPUT_THRESHOLD_GEV) | unsupported, torch.zeros_like(gev), gev).flatten(1)
 

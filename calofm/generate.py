@@ -36,7 +36,8 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
         noise = torch.randn((cond.shape[0], 9, 16, 45), generator=g, device=device)
         z = sample(model, noise, cond, steps=steps, generator=g)
-        out.append(normalizer.inverse(z.float()).cpu().numpy())
+        out.append(normalizer.inverse(z.float(), normalizer.unit_mev(torch.from_numpy(energy[sl]).to(device), detector))
+                   .cpu().numpy())
         if progress is not None:
             progress(cond.shape[0])
     showers = np.concatenate(out) if out else np.zeros((0, 9, 16, 45), np.float32)

@@ -22,11 +22,13 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_edm(tmp_path_factory, data_dir):
-    """A tiny EDM model pretrained for a few steps on the four pretraining detectors (a model folder)."""
+    """A tiny EDM model pretrained for a few steps on the four pretraining detectors (a model folder); coarse
+    3x4x5 patches (108 tokens) keep the tests that train or sample from it fast."""
     from calofm.config import load_config
     from calofm.train.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("pretrain")
     cfg = load_config(None, [f"data.dir={data_dir}", f"output_dir={out}", "train.steps=40", "train.batch_size=16",
-                             "train.checkpoint_every=1000", "train.lr=2e-3", "train.log_every=1"])
+                             "train.checkpoint_every=1000", "train.lr=2e-3", "train.log_every=1",
+                             "model.patch=[3,4,5]"])
     return pretrain(cfg)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from calofm.cli import app
 from calofm.config import load_config
 from calofm.data.formats import open_showers
-from calofm.data.loader import find_detector_files, fit_normalizer
-from calofm.data.transforms import encode_conditions
+from calofm.data.loader import detector_response, find_detector_files, fit_normalizer
+from calofm.data.transforms import Normalizer, encode_conditions
 from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
 from calofm.train.adapt import adapt, allocate_slot, resolve_pretrained, select_trainable
@@ -176,3 +176,21 @@ def test_resume_runs_only_the_missing_stage(pretrained, data_dir, tmp_path):
     cd = load_model(out / "cd")  # no pretrained CD given: the student started from the adapted EDM
     assert cd.objective == "cd" and cd.provenance["student_init"].startswith("the adapted EDM")
     assert cd.slot_map == {**PRETRAINED, "fccee_allegro": 3}
+
+
+def test_detector_response_units_measure_the_new_detector(pretrained, data_dir, tmp_path):
+    """With `detector_response` units the frozen transform gains exactly one number: the new detector's response,
+    measured on the adaptation showers; the shared mean and std and the other responses stay as pretrained."""
+    normalizer = fit_normalizer(find_detector_files(data_dir, list(PRETRAINED)), eps=1e-6, unit="detector_response")
+    r = normalizer.response
+    assert r["odd"] < r["par04_siw"] < r["par04_scipb"]  # the sampling fractions' order (0.015, 0.02, 0.08)
+    base = tmp_path / "base"
+    for kind in ("edm", "cd"):
+        save_model(load_model(pretrained / kind).with_config(normalizer=normalizer.to_dict()), base / kind)
+    out = run_adapt(base, data_dir, tmp_path / "out")
+    allegro = detector_response(data_dir / "fccee_allegro.h5", 40)
+    assert allegro > r["par04_scipb"]  # ALLEGRO samples 14 %
+    for kind in ("edm", "cd"):
+        adapted = Normalizer.from_dict(load_model(out / kind).normalizer)
+        assert adapted.response == pytest.approx({**r, "fccee_allegro": allegro})
+        assert (adapted.unit, adapted.mean, adapted.std) == ("detector_response", normalizer.mean, normalizer.std)

@@ -34,9 +34,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning") 
 
 PRETRAIN_MAP = {"par04_siw": 0, "par04_scipb": 1, "odd": 2, "fccee_cld": 3}
 ADAPTED_MAP = {**PRETRAIN_MAP, "fccee_allegro": 4}
-# The CD copy's normaliser puts its (untrained-for-CD) outputs around 0.5 keV with no cut of its own, so the
-# contract's 0.5 keV cut is what the graph alone must do.
-CUT_TEST_NORMALIZER = {"mean": float(np.log(5e-4)), "std": 5.0, "threshold_mev": 0.0, "eps": 1e-6}
+# The CD copy's normaliser puts its (untrained-for-CD) outputs around 0.5 keV at 64 GeV in ALLEGRO with no cut of
+# its own, so the contract's 0.5 keV cut is what the graph alone must do; its unit is E_inc x detector response,
+# so the graph must also pick the response of the contract slot.
+RESPONSE = {"par04_siw": 0.02, "par04_scipb": 0.07, "odd": 0.012, "fccee_cld": 0.017, "fccee_allegro": 0.1}
+CUT_TEST_NORMALIZER = {"mean": float(np.log(5e-4 / (64e3 * 0.1))), "std": 5.0, "threshold_mev": 0.0, "eps": 1e-12,
+                       "unit": "detector_response", "response": RESPONSE}
 
 
 def model_copy(model: CaloDiT, **overrides) -> CaloDiT:
@@ -76,7 +79,9 @@ def eager_mev(model, x: np.ndarray, detectors: list[str], noise: torch.Tensor, s
     """The eager path (encode_conditions, calofm.diffusion.sample, Normalizer.inverse): (B, 9, 16, 45) MeV."""
     slot = torch.tensor([model.slot_map[d] for d in detectors])
     cond = encode_conditions(x[:, 0] * 1000.0, x[:, 2], x[:, 1], slot, model.n_slots)
-    return Normalizer.from_dict(model.normalizer).inverse(sample(model, noise, cond, steps=steps)).numpy()
+    normalizer = Normalizer.from_dict(model.normalizer)
+    unit = normalizer.unit_mev(torch.from_numpy(x[:, 0] * 1000.0), detectors)
+    return normalizer.inverse(sample(model, noise, cond, steps=steps), unit).numpy()
 
 
 def contract_cut(mev: np.ndarray) -> np.ndarray:

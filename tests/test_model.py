@@ -6,7 +6,7 @@ import torch
 from calofm.models.dit import PRESETS, CaloDiT
 
 
-@pytest.mark.parametrize("preset,tokens", [("tiny", 108), ("small", 360), ("paper", 360)])
+@pytest.mark.parametrize("preset,tokens", [("tiny", 360), ("small", 360), ("paper", 360)])
 def test_presets_shapes_and_tokens(preset, tokens):
     model = CaloDiT.from_preset(preset)
     assert model.pos_embed.shape == (tokens, model.width)

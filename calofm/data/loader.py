@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from calofm.data.formats import ShowerFile, Showers, open_showers
 from calofm.data.transforms import Normalizer, encode_conditions
-from calofm.geometry import get_detector
+from calofm.geometry import THRESHOLD_MEV, get_detector
 
 
 def find_detector_files(source: str | Path, detectors: list[str]) -> dict[str, Path]:
@@ -49,18 +49,39 @@ def find_detector_files(source: str | Path, detectors: list[str]) -> dict[str, P
     return found
 
 
+def _chunks(path: Path, max_showers: int | None, chunk_size: int) -> Iterator[Showers]:
+    with open_showers(path) as f:
+        n = min(len(f), max_showers or len(f))
+        for start in range(0, n, chunk_size):
+            yield f.read(start, min(start + chunk_size, n))
+
+
+def detector_response(path: Path, max_showers: int | None = None, chunk_size: int = 1024) -> float:
+    """Mean E_dep / E_inc over a detector's file (cells under the threshold left out): its sampling fraction times
+    its containment, the one number `detector_response` normalisation needs from a detector."""
+    total, n = 0.0, 0
+    for s in _chunks(path, max_showers, chunk_size):
+        deposit = np.where(s.showers < THRESHOLD_MEV, 0.0, s.showers.astype(np.float64)).sum(axis=(1, 2, 3))
+        total += float((deposit / s.energy).sum())
+        n += len(s.energy)
+    if n == 0 or total <= 0:
+        raise ValueError(f"{path}: no deposited energy to measure the detector response on")
+    return total / n
+
+
 def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, chunk_size: int = 1024,
-                   eps: float = 1e-6) -> Normalizer:
-    """ONE scalar mean/std over all given detectors together, in one streaming pass."""
+                   eps: float = 1e-6, unit: str = "mev") -> Normalizer:
+    """ONE scalar mean/std over all given detectors together, in one streaming pass (two for detector_response)."""
+    response = ({name: detector_response(p, max_per_detector, chunk_size) for name, p in files.items()}
+                if unit == "detector_response" else {})
+    units = Normalizer(0.0, 1.0, eps=eps, unit=unit, response=response)
 
     def chunks():
-        for path in files.values():
-            with open_showers(path) as f:
-                n = min(len(f), max_per_detector or len(f))
-                for start in range(0, n, chunk_size):
-                    yield f.read(start, min(start + chunk_size, n)).showers
+        for name, path in files.items():
+            for s in _chunks(path, max_per_detector, chunk_size):
+                yield s.showers, units.unit_mev(s.energy, [name] * len(s.energy))
 
-    return Normalizer.fit(chunks(), eps=eps)
+    return Normalizer.fit(chunks(), eps=eps, unit=unit, response=response)
 
 
 @dataclass
@@ -149,7 +170,8 @@ class ShowerStream(IterableDataset):
     def _collate(self, parts: list[Showers], counts: list[int]) -> dict[str, torch.Tensor]:
         s = Showers.concat([p for p, c in zip(parts, counts) if c])
         slots = np.concatenate([np.full(c, self.slot_map[n]) for n, c in zip(self.names, counts)])
-        x = torch.from_numpy(self.normalizer.forward(s.showers).astype(np.float32))
+        unit = self.normalizer.unit_mev(s.energy, [n for n, c in zip(self.names, counts) for _ in range(c)])
+        x = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
         cond = encode_conditions(s.energy, s.theta, s.phi, torch.from_numpy(slots), self.n_slots)
         return {"x": x, "cond": cond, "slot": torch.from_numpy(slots)}
 

@@ -8,55 +8,100 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
 from calofm.geometry import E_MIN_MEV, EMAX_GLOBAL_MEV, THRESHOLD_MEV
 
-N_COND = 4  # E/Emax, theta/pi, sin phi, cos phi
+N_COND = 4  # log-scaled E, theta/pi, sin phi, cos phi
+
+
+UNITS = ("mev", "incident_energy", "detector_response")
 
 
 @dataclass(frozen=True)
 class Normalizer:
+    """x -> (log(x / u + eps) - mean) / std, with ONE scalar mean and std, in one of three units u:
+
+    - `mev`: u = 1 MeV, the paper's transform;
+    - `incident_energy`: u = E_inc, which takes the shower's overall scale (six e-folds over 1 GeV-1 TeV) out of
+      what the network must produce cell by cell;
+    - `detector_response`: u = E_inc x the detector's mean E_dep / E_inc (`response`, measured on its training
+      data), which also takes out the detectors' sampling fractions, as the paper's outlook suggests; a new
+      detector brings one number, measured on its adaptation data.
+    Both keep shapes and inter-layer correlations (one known scalar per shower, unlike per-layer normalisation).
+    """
+
     mean: float
     std: float
     threshold_mev: float = THRESHOLD_MEV
     eps: float = 1e-6
-    log_max: float = math.log(EMAX_GLOBAL_MEV)  # largest log(x + eps) in the fitted data
+    log_max: float = math.log(EMAX_GLOBAL_MEV)  # largest log(x / u + eps) in the fitted data
+    unit: str = "mev"
+    response: dict[str, float] = field(default_factory=dict)  # detector -> mean E_dep / E_inc
 
-    def forward(self, showers):
+    def __post_init__(self):
+        if self.unit not in UNITS:
+            raise ValueError(f"normalizer: unit {self.unit!r} is not one of {', '.join(UNITS)}")
+
+    def unit_mev(self, energy_mev, detectors):
+        """Per-shower unit in MeV for showers of `detectors` (a name, or one name per shower); None for `mev`."""
+        if self.unit == "mev":
+            return None
+        lib = torch if isinstance(energy_mev, torch.Tensor) else np
+        if self.unit == "incident_energy":
+            return energy_mev
+        names = [detectors] if isinstance(detectors, str) else list(detectors)
+        missing = sorted(set(names) - set(self.response))
+        if missing:
+            raise ValueError(f"normalizer: no detector response for {missing[0]!r}; known: {sorted(self.response)}")
+        r = np.array([self.response[n] for n in names], dtype=np.float32)
+        return energy_mev * (torch.from_numpy(r).to(energy_mev.device) if lib is torch else r)
+
+    def _unit(self, u, ndim: int):
+        if self.unit == "mev":
+            return 1.0
+        if u is None:
+            raise ValueError(f"normalizer: unit {self.unit!r} needs each shower's unit (see unit_mev)")
+        return u.reshape(-1, *([1] * (ndim - 1)))
+
+    def forward(self, showers, unit_mev=None):
         """MeV -> normalised log space; works on numpy arrays and torch tensors."""
         lib = torch if isinstance(showers, torch.Tensor) else np
         x = lib.where(showers < self.threshold_mev, 0.0 * showers, showers)
-        return (lib.log(x + self.eps) - self.mean) / self.std
+        return (lib.log(x / self._unit(unit_mev, x.ndim) + self.eps) - self.mean) / self.std
 
-    def inverse(self, z):
+    def inverse(self, z, unit_mev=None):
         """Normalised -> MeV; cells that come back under the threshold are zeroed (as Geant4 scoring would)."""
         lib = torch if isinstance(z, torch.Tensor) else np
         # no generated cell exceeds the largest deposit of the training data, as image models clamp to the
         # valid pixel range: one outlier cell would otherwise dominate the shower's energy after the exponential
-        x = lib.exp(lib.clip(z * self.std + self.mean, None, self.log_max)) - self.eps
+        x = (lib.exp(lib.clip(z * self.std + self.mean, None, self.log_max)) - self.eps) * self._unit(unit_mev, z.ndim)
         return lib.where(x < self.threshold_mev, 0.0 * x, x)
+
+    def with_response(self, detector: str, response: float) -> Normalizer:
+        return replace(self, response={**self.response, detector: float(response)})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalizer:
-        unknown = set(d) - {"mean", "std", "threshold_mev", "eps", "log_max"}
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"normalizer: unknown key {sorted(unknown)[0]!r}")
         return cls(**d)
 
     @classmethod
-    def fit(cls, chunks: Iterable[np.ndarray], threshold_mev: float = THRESHOLD_MEV, eps: float = 1e-6) -> Normalizer:
-        """Streaming pass over chunks of showers (all detectors together): exact float64 sums, no data in memory."""
+    def fit(cls, chunks: Iterable[tuple[np.ndarray, np.ndarray | None]], threshold_mev: float = THRESHOLD_MEV,
+            eps: float = 1e-6, unit: str = "mev", response: dict[str, float] | None = None) -> Normalizer:
+        """Streaming pass over (showers, unit_mev) chunks of all detectors together: exact float64 sums."""
         n, s, s2, top = 0, 0.0, 0.0, -math.inf
-        for chunk in chunks:
-            x = np.asarray(chunk, dtype=np.float64)
-            y = np.log(np.where(x < threshold_mev, 0.0, x) + eps)
+        shape = cls(0.0, 1.0, threshold_mev, eps, 0.0, unit, dict(response or {}))
+        for showers, u in chunks:
+            y = shape.forward(np.asarray(showers, dtype=np.float64), None if u is None else np.asarray(u, np.float64))
             n += y.size
             s += y.sum()
             s2 += np.square(y).sum()
@@ -65,7 +110,7 @@ class Normalizer:
             raise ValueError("normalizer: no showers to fit on")
         mean = s / n
         std = math.sqrt(max(s2 / n - mean * mean, 0.0))
-        return cls(mean=float(mean), std=float(std), threshold_mev=threshold_mev, eps=eps, log_max=top)
+        return replace(shape, mean=float(mean), std=float(std), log_max=top)
 
 
 def kinematics(energy_mev: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,9 @@ PRESETS: dict[str, dict] = {
     # the paper's model: 6 blocks, width 384, 6 heads of 64, MLP 1536, patch 3x2x3 -> 360 tokens
     "paper": dict(depth=6, width=384, heads=6, mlp_dim=1536, patch=(3, 2, 3)),
     "small": dict(depth=4, width=192, heads=4, mlp_dim=768, patch=(3, 2, 3)),
-    # trains in seconds on a CPU: coarser patches (3x4x5 -> 108 tokens)
-    "tiny": dict(depth=2, width=96, heads=4, mlp_dim=192, patch=(3, 4, 5)),
+    # trains in minutes on a CPU; keeps the paper's patches: with 3x4x5 (108 tokens) or 3x2x5 the tiny model's
+    # showers carried 1.2-2x the data's energy after the demo's steps, with 3x2x3 they are within ~10%
+    "tiny": dict(depth=2, width=96, heads=4, mlp_dim=192, patch=(3, 2, 3)),
 }
 
 

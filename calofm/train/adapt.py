@@ -29,7 +29,7 @@ from torch import nn
 
 from calofm.config import RunConfig
 from calofm.data.formats import open_showers
-from calofm.data.loader import find_detector_files
+from calofm.data.loader import detector_response, find_detector_files
 from calofm.data.transforms import Normalizer
 from calofm.geometry import get_detector
 from calofm.hub import load_model
@@ -163,6 +163,9 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         raise ValueError(f"adapt.n_train={n_train}, but {files[a.detector]} holds {available} showers")
     run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_per_detector=n_train))
     normalizer = Normalizer.from_dict(base.normalizer)
+    if normalizer.unit == "detector_response" and a.detector not in normalizer.response:
+        # the one number a new detector brings to the frozen transform: its mean E_dep / E_inc
+        normalizer = normalizer.with_response(a.detector, detector_response(files[a.detector], n_train))
     provenance = {"base_model": edm_ref, "detector": a.detector, "slot": slot, "mode": a.mode, "data": str(a.data),
                   "n_train": n_train}
     lora = dict(lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
@@ -177,7 +180,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         accelerator = make_accelerator(stage)
         accelerator.print(f"adapting {edm_ref} to {a.detector} in slot {slot} ({a.mode}, {n_train} showers)")
         torch.manual_seed(cfg.train.seed)
-        net = select_trainable(base.with_config(slot_map=slot_map, provenance={
+        net = select_trainable(base.with_config(slot_map=slot_map, normalizer=normalizer.to_dict(), provenance={
             **provenance, "stage": "adapt-edm", "steps": stage.train.steps}), a.mode, **lora)
         trained = train(stage, net, EDMObjective(), files, normalizer, accelerator=accelerator, resume=resume,
                         desc=f"adapt EDM ({a.mode})")
@@ -194,7 +197,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
                          "steps": stage.train.steps, "teacher": str(edm_dir),
                          "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
         if base_cd is not None:
-            student = base_cd.with_config(slot_map=slot_map, provenance=cd_provenance)
+            student = base_cd.with_config(slot_map=slot_map, normalizer=normalizer.to_dict(), provenance=cd_provenance)
         else:
             accelerator.print("no pretrained CD model: stage 2 starts the student from the adapted EDM")
             student = student_from(edm, sampler=cd_sampler(cfg.distill.sample_steps), provenance=cd_provenance)

@@ -36,7 +36,7 @@ class EDMObjective:
 
 def build_model(cfg: ModelConfig, **config) -> CaloDiT:
     overrides = {k: v for k, v in (("depth", cfg.depth), ("width", cfg.width), ("heads", cfg.heads),
-                                   ("mlp_dim", cfg.mlp_dim)) if v is not None}
+                                   ("mlp_dim", cfg.mlp_dim), ("patch", cfg.patch)) if v is not None}
     return CaloDiT.from_preset(cfg.preset, **overrides, **config)
 
 
@@ -44,7 +44,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     """Train, then save the EMA model to `<output_dir>/model`; returns that folder."""
     accelerator = make_accelerator(cfg)
     files = find_detector_files(cfg.data.dir, cfg.data.detectors)
-    normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps)
+    normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit)
     slot_map = default_slot_map(cfg.data.detectors)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, n_slots=len(slot_map) + cfg.model.n_free_slots, slot_map=slot_map,
