@@ -31,7 +31,7 @@ class Normalizer:
     - `detector_response`: u = E_inc x the detector's mean E_dep / E_inc (`response`, measured on its training
       data), which also takes out the detectors' sampling fractions, as the paper's outlook suggests; a new
       detector brings one number, measured on its adaptation data.
-    Both keep shapes and inter-layer correlations (one known scalar per shower, unlike per-layer normalisation).
+    The last two keep shapes and inter-layer correlations (one known scalar per shower, unlike per-layer normalisation).
     """
 
     mean: float
