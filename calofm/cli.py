@@ -206,8 +206,8 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
              generated: Path = typer.Option(..., "--generated", help="Generated shower file (LEMURS or CaloChallenge)."),
              out: Path = typer.Option(..., "--out", help="Folder for metrics.json, the PNG plots and report.md."),
              metrics: list[str] | None = typer.Option(
-                 None, "--metrics", help="Comma-separated or repeated, from: observables, fpd, kpd, auc_low, auc_high, "
-                 "prdc, fixed_points (default: all)."),
+                 None, "--metrics", help="Comma-separated or repeated, from: observables, fpd, kpd (calofm's FPD/KPD), "
+                 "fpd_cc, kpd_cc (the CaloChallenge's), auc_low, auc_high, prdc, fixed_points (default: all)."),
              detector: str | None = typer.Option(None, "--detector", help="Detector name for the report "
                                                     "(default: the files' `detector` attribute)."),
              point: list[str] | None = typer.Option(
@@ -215,7 +215,8 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
                  "shared conditions of fixed-point files, else 10 and 50 GeV at normal incidence and 50 GeV at 1.2 rad)."),
              max_showers: int | None = typer.Option(None, "--max-showers", help="Use only the first N showers of each file."),
              seed: int = typer.Option(0, "--seed")):
-    """Compare generated showers with reference showers: observables, FPD, KPD, classifier AUCs, PRDC."""
+    """Compare generated showers with reference showers: observables, FPD, KPD (calofm's and the CaloChallenge's
+    definitions), classifier AUCs, PRDC."""
     import warnings
 
     from calofm.evaluate.report import evaluate as run
@@ -240,9 +241,10 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
     for key in ("auc_low", "auc_high"):
         if key in result:
             typer.echo(f"{key}: {result[key]:.4f}")
-    for key in ("fpd", "kpd"):
+    for key in ("fpd_cc", "kpd_cc", "fpd", "kpd"):
         if key in result:
-            typer.echo(f"{key} x 1e3: {result[key]['value'] * 1e3:.4g} +- {result[key]['error'] * 1e3:.2g}")
+            typer.echo(f"{key} x 1e3: {result[key]['value'] * 1e3:.4g} +- {result[key]['error'] * 1e3:.2g}  "
+                       f"[{result[key]['definition']}]")
     if "prdc" in result:
         typer.echo("prdc: " + ", ".join(f"{k} {v:.3f}" for k, v in result["prdc"].items()))
     typer.echo(f"report: {Path(out) / 'report.md'}")

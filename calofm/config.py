@@ -36,8 +36,9 @@ class DataConfig:
     detectors: list[str] = field(default_factory=lambda: list(PRETRAIN_DETECTORS))
     max_per_detector: int | None = None  # use only the first N showers of each detector
     chunk_size: int = 512              # showers read from HDF5 at once (streaming granularity)
-    log_eps: float = 1e-6              # the paper's 1e-6 (MeV); the tiny recipe: 5e-6 of E_inc x response
-    unit: str = "mev"                  # x -> log(x / unit + log_eps): mev | incident_energy | detector_response
+    log_eps: float = 5e-6              # of the unit (the paper's transform: 1e-6 MeV)
+    unit: str = "deposit"              # x -> log(x / unit + log_eps): deposit | detector_response | incident_energy
+                                       # | mev (README, "Data contract")
     num_workers: int = 0
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from calofm.data.transforms import Normalizer, kinematics
-from calofm.diffusion import sample
+from calofm.diffusion import DEPOSIT_STEPS, sample
 from calofm.geometry import DR_MM, DZ_MM, E_MIN_MEV, EMAX_GLOBAL_MEV, N_CELLS, PHI_RANGE, SHAPE, THETA_RANGE
 from calofm.io import atomic_path, atomic_write_text
 
@@ -70,7 +70,8 @@ def slot_matrix(slot_map: dict[str, int], n_slots: int, slots: dict[str, str | N
 
 
 class Par04Generator(nn.Module):
-    """The exported graph: contract conditions (B, 8) [+ noise (B, 9, 16, 45)] -> (B, 6480) energies in GeV."""
+    """The exported graph: contract conditions (B, 8) [+ noise (B, 9, 16, 45) [+ deposit noise (B, 1)]] -> (B, 6480)
+    energies in GeV."""
 
     def __init__(self, model: nn.Module, steps: int, slots: dict[str, str | None]):
         super().__init__()
@@ -80,9 +81,9 @@ class Par04Generator(nn.Module):
         m = slot_matrix(model.slot_map, model.n_slots, slots)
         self.register_buffer("slot_matrix", m, persistent=False)
         self.register_buffer("supported", m.sum(1), persistent=False)
-        # the normaliser's unit per contract slot, in units of E_inc: the detector response, or 1
+        # per contract slot, in units of E_inc: the detector response (units detector_response, deposit), or 1
         n = self.normalizer
-        response = [n.response[slots[s]] if n.unit == "detector_response" and slots[s] else 1.0 for s in CONTRACT_SLOTS]
+        response = [n.response[slots[s]] if n.uses_response and slots[s] else 1.0 for s in CONTRACT_SLOTS]
         self.register_buffer("slot_response", torch.tensor(response), persistent=False)
 
     def model_conditions(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -90,12 +91,18 @@ class Par04Generator(nn.Module):
         k = kinematics(inputs[:, 0] * 1000.0, inputs[:, 2], inputs[:, 1])
         return torch.cat([k, inputs[:, 3:] @ self.slot_matrix], 1)
 
-    def forward(self, inputs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, noise: torch.Tensor | None = None,
+                deposit_noise: torch.Tensor | None = None) -> torch.Tensor:
         if noise is None:  # randn_like follows the input's device, so one graph serves CPU and CUDA
             noise = torch.randn_like(inputs[:, :1, None, None].expand(-1, *SHAPE))
-        z = sample(self.model, noise, self.model_conditions(inputs), steps=self.steps)
-        unit = None if self.normalizer.unit == "mev" else inputs[:, 0] * 1000.0 * (inputs[:, 3:] @ self.slot_response)
-        gev = self.normalizer.inverse(z, unit) / 1000.0
+        if deposit_noise is None and self.model.deposit_net is not None:
+            deposit_noise = torch.randn_like(inputs[:, :1])
+        z, deposit = sample(self.model, noise, self.model_conditions(inputs), steps=self.steps,
+                            deposit_noise=deposit_noise)
+        n = self.normalizer
+        scale = inputs[:, 0] * 1000.0 * (inputs[:, 3:] @ self.slot_response)  # E_inc (x response) in MeV
+        unit = None if n.unit == "mev" else n.decode_deposit(deposit, scale) if n.has_deposit else scale
+        gev = n.inverse(z, unit) / 1000.0
         unsupported = (inputs[:, 3:] @ self.supported < 0.5).view(-1, 1, 1, 1)
         return torch.where((gev < OUTPUT_THRESHOLD_GEV) | unsupported, torch.zeros_like(gev), gev).flatten(1)
 
@@ -116,6 +123,7 @@ def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: 
     """What a Geant4 user needs to call the graph, as JSON."""
     batch_dim = batch if batch is not None else "batch"
     evaluations = steps if model.objective == "cd" else 2 * steps - 1
+    deposit_evaluations = 2 * DEPOSIT_STEPS - 1 if model.deposit_net is not None else 0
     inputs = [dict(name="conditions", shape=[batch_dim, len(INPUT_LAYOUT)], dtype="float32",
                    layout=list(INPUT_LAYOUT),
                    units=dict(energy="GeV", phi="rad", theta="rad"),
@@ -124,6 +132,9 @@ def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: 
     if noise_input:
         inputs.append(dict(name="noise", shape=[batch_dim, *SHAPE], dtype="float32",
                            description="unit Gaussian start of the sampler (for validation against PyTorch)"))
+        if deposit_evaluations:
+            inputs.append(dict(name="deposit_noise", shape=[batch_dim, 1], dtype="float32",
+                               description="unit Gaussian start of the total deposit's sampler"))
     return dict(
         contract="geant4-par04",
         format=fmt,
@@ -139,7 +150,8 @@ def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: 
                     dr_mm=DR_MM, dz_mm=DZ_MM, dphi_rad=2 * math.pi / SHAPE[1], threshold_gev=OUTPUT_THRESHOLD_GEV),
         noise=("the sampler starts from the 'noise' input; multistep re-noising is drawn inside the graph"
                if noise_input else "drawn inside the graph"),
-        sampler=dict(objective=model.objective, steps=steps, network_evaluations=evaluations),
+        sampler=dict(objective=model.objective, steps=steps, network_evaluations=evaluations,
+                     deposit_net_evaluations=deposit_evaluations),
         model_source=source,
         model=model_config(model),
     )
@@ -188,7 +200,7 @@ def _write_torchscript(graph: Par04Generator, example: tuple, path: Path, meta: 
 def _write_onnx(graph: Par04Generator, example: tuple, path: Path, meta: str, dynamic_batch: bool) -> None:
     import onnx
 
-    names = ["conditions", "noise"][: len(example)]
+    names = ["conditions", "noise", "deposit_noise"][: len(example)]
     buf = io.BytesIO()
     with _quiet_tracing():  # the TorchScript-based exporter: it unrolls the sampler as torch.jit.trace does
         torch.onnx.export(graph, example, buf, dynamo=False, opset_version=ONNX_OPSET, input_names=names,
@@ -267,6 +279,8 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device
     example = (conditions.expand(example_batch, -1).contiguous(),)
     if noise_input:
         example += (torch.randn(example_batch, *SHAPE, device=param.device),)
+        if model.deposit_net is not None:
+            example += (torch.randn(example_batch, 1, device=param.device),)
     meta = json.dumps(contract(model, fmt, device, None if dynamic_batch else batch, steps, slots, noise_input,
                                source), indent=2)
 

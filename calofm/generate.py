@@ -35,9 +35,9 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
         cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots).to(device)
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
         noise = torch.randn((cond.shape[0], 9, 16, 45), generator=g, device=device)
-        z = sample(model, noise, cond, steps=steps, generator=g)
-        out.append(normalizer.inverse(z.float(), normalizer.unit_mev(torch.from_numpy(energy[sl]).to(device), detector))
-                   .cpu().numpy())
+        z, deposit = sample(model, noise, cond, steps=steps, generator=g)
+        unit = normalizer.generated_unit(torch.from_numpy(energy[sl]).to(device), detector, deposit)
+        out.append(normalizer.inverse(z.float(), unit).cpu().numpy())
         if progress is not None:
             progress(cond.shape[0])
     showers = np.concatenate(out) if out else np.zeros((0, 9, 16, 45), np.float32)

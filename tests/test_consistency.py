@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calofm.config import load_config
-from calofm.diffusion import consistency, denoiser, edm, sample
+from calofm.diffusion import consistency, denoiser, edm, sample, shape_conditions
 from calofm.diffusion.consistency import boundaries, cd_loss, multistep_sample, multistep_sigmas
 from calofm.diffusion.edm import EDMParams
 from calofm.models.dit import CaloDiT
@@ -152,8 +152,11 @@ def test_cd_loss_falls_and_saved_model_samples(distilled, tiny_edm):
     cond[:, 4] = 1
     noise = torch.randn(3, 9, 16, 45, generator=torch.Generator().manual_seed(0))
     f = denoiser(model, P)
-    x = sample(model, noise, cond)  # dispatches on model.objective: one evaluation of f at sigma_max
-    torch.testing.assert_close(x, f(noise * P.sigma_max, torch.full((3,), P.sigma_max), cond))
+    x, deposit = sample(model, noise, cond)  # dispatches on model.objective: one evaluation of f at sigma_max
+    # (after the deposit, drawn first by the teacher's deposit net, which the student keeps unchanged)
+    torch.testing.assert_close(model.deposit_net.state_dict(), teacher.deposit_net.state_dict())
+    full = shape_conditions(cond, deposit)
+    torch.testing.assert_close(x, f(noise * P.sigma_max, torch.full((3,), P.sigma_max), full))
 
 
 def test_resume_equals_uninterrupted_run(distilled, data_dir, tiny_edm, tmp_path):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from calofm.cli import app
 from calofm.data.formats import Showers, read_showers, write_lemurs
 from calofm.data.transforms import Normalizer, encode_conditions
-from calofm.diffusion import sample
+from calofm.diffusion import DEPOSIT_STEPS, sample
 from calofm.export import (
     CONTRACT_KEY,
     CONTRACT_SLOTS,
@@ -34,12 +34,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning") 
 
 PRETRAIN_MAP = {"par04_siw": 0, "par04_scipb": 1, "odd": 2, "fccee_cld": 3}
 ADAPTED_MAP = {**PRETRAIN_MAP, "fccee_allegro": 4}
-# The CD copy's normaliser puts its (untrained-for-CD) outputs around 0.5 keV at 64 GeV in ALLEGRO with no cut of
-# its own, so the contract's 0.5 keV cut is what the graph alone must do; its unit is E_inc x detector response,
-# so the graph must also pick the response of the contract slot.
+# The CD copy's normaliser (unit `deposit`, the default) draws a total deposit of a few MeV at 64 GeV in ALLEGRO
+# and spreads it widely over the cells, most of them under 0.5 keV, with no cut of its own: the contract's 0.5 keV
+# cut is what the graph alone must do; the deposit's scale is E_inc x detector response, so the graph must also
+# pick the response of the contract slot.
 RESPONSE = {"par04_siw": 0.02, "par04_scipb": 0.07, "odd": 0.012, "fccee_cld": 0.017, "fccee_allegro": 0.1}
-CUT_TEST_NORMALIZER = {"mean": float(np.log(5e-4 / (64e3 * 0.1))), "std": 5.0, "threshold_mev": 0.0, "eps": 1e-12,
-                       "unit": "detector_response", "response": RESPONSE}
+CUT_TEST_NORMALIZER = {"mean": 0.0, "std": 5.0, "threshold_mev": 0.0, "eps": 1e-12, "unit": "deposit",
+                       "response": RESPONSE, "deposit_mean": float(np.log(5e-4)), "deposit_std": 1.0}
 
 
 def model_copy(model: CaloDiT, **overrides) -> CaloDiT:
@@ -75,13 +76,15 @@ def contract_input(energy_gev, phi, theta, slots) -> np.ndarray:
     return x
 
 
-def eager_mev(model, x: np.ndarray, detectors: list[str], noise: torch.Tensor, steps: int) -> np.ndarray:
+def eager_mev(model, x: np.ndarray, detectors: list[str], noise: torch.Tensor, steps: int,
+              deposit_noise: torch.Tensor) -> np.ndarray:
     """The eager path (encode_conditions, calofm.diffusion.sample, Normalizer.inverse): (B, 9, 16, 45) MeV."""
     slot = torch.tensor([model.slot_map[d] for d in detectors])
     cond = encode_conditions(x[:, 0] * 1000.0, x[:, 2], x[:, 1], slot, model.n_slots)
     normalizer = Normalizer.from_dict(model.normalizer)
-    unit = normalizer.unit_mev(torch.from_numpy(x[:, 0] * 1000.0), detectors)
-    return normalizer.inverse(sample(model, noise, cond, steps=steps), unit).numpy()
+    z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise)
+    unit = normalizer.generated_unit(torch.from_numpy(x[:, 0] * 1000.0), detectors, deposit)
+    return normalizer.inverse(z, unit).numpy()
 
 
 def contract_cut(mev: np.ndarray) -> np.ndarray:
@@ -146,11 +149,12 @@ def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path
     model = cd if objective == "cd" else edm
     out = export_quietly(model, tmp_path / f"g.{fmt}", fmt, steps=steps, noise_input=True)
     x = contract_input(64.0, 0.7, 1.3, [detector])
-    noise = torch.randn(1, 9, 16, 45, generator=torch.Generator().manual_seed(3))
-    got = run_exported(out, fmt, x, noise.numpy())
+    g = torch.Generator().manual_seed(3)
+    noise, dnoise = torch.randn(1, 9, 16, 45, generator=g), torch.randn(1, 1, generator=g)
+    got = run_exported(out, fmt, x, noise.numpy(), dnoise.numpy())
     assert got.shape == (1, 6480) and got.dtype == np.float32
 
-    eager = eager_mev(model, x, ["fccee_allegro" if detector == "new" else detector], noise, steps)
+    eager = eager_mev(model, x, ["fccee_allegro" if detector == "new" else detector], noise, steps, dnoise)
     # units and index order: GeV, flat r*(16*45) + phi*45 + z, i.e. a C-order reshape to (r, phi, z) * 1000 = MeV
     assert_matches(got.reshape(1, 9, 16, 45) * 1000.0, contract_cut(eager))
     assert got[got > 0].min() >= OUTPUT_THRESHOLD_GEV
@@ -163,7 +167,9 @@ def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path
     assert [s["name"] for s in meta["slots"]] == list(CONTRACT_SLOTS)
     assert meta["output"]["unit"] == "GeV" and meta["output"]["shape"] == [1, 6480]
     assert meta["sampler"] == {"objective": objective, "steps": steps,
-                               "network_evaluations": steps if objective == "cd" else 2 * steps - 1}
+                               "network_evaluations": steps if objective == "cd" else 2 * steps - 1,
+                               "deposit_net_evaluations": 2 * DEPOSIT_STEPS - 1}  # the total deposit, drawn first
+    assert [i["name"] for i in meta["inputs"]] == ["conditions", "noise", "deposit_noise"]
     assert meta["model"]["slot_map"] == model.slot_map
     if fmt == "onnx":
         proto = onnx.load(str(out))
@@ -183,11 +189,12 @@ def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path
 def test_batched_layout_through_lemurs_writer(cd, tmp_path):
     """(B, 8) -> (B, 6480): each row is the LEMURS file's (9, 16, 45) MeV shower, flattened, in GeV."""
     x = contract_input([2.0, 150.0, 900.0], [0.1, 3.0, 5.9], [0.9, 1.57, 2.2], ["par04_siw", "odd", "new"])
-    noise = torch.randn(3, 9, 16, 45, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    noise, dnoise = torch.randn(3, 9, 16, 45, generator=g), torch.randn(3, 1, generator=g)
     out = export_quietly(cd, tmp_path / "b3.onnx", "onnx", batch=3, noise_input=True)
-    got = run_exported(out, "onnx", x, noise.numpy())
+    got = run_exported(out, "onnx", x, noise.numpy(), dnoise.numpy())
     assert got.shape == (3, 6480)
-    eager = contract_cut(eager_mev(cd, x, ["par04_siw", "odd", "fccee_allegro"], noise, 1))
+    eager = contract_cut(eager_mev(cd, x, ["par04_siw", "odd", "fccee_allegro"], noise, 1, dnoise))
     write_lemurs(tmp_path / "eager.h5", Showers(eager, x[:, 0] * 1000.0, x[:, 1], x[:, 2]))
     back = read_showers(tmp_path / "eager.h5")
     assert_matches(got.reshape(back.showers.shape) * 1000.0, back.showers)
@@ -226,11 +233,12 @@ def test_peft_model_exports_merged(cd, tmp_path):
     assert hasattr(peft_model.base_model.model.blocks[0].attn.qkv, "lora_A")
 
     x = contract_input(30.0, 2.0, 1.8, ["new"])
-    noise = torch.randn(1, 9, 16, 45, generator=torch.Generator().manual_seed(9))
-    got = run_exported(out, "onnx", x, noise.numpy()).reshape(1, 9, 16, 45) * 1000.0
+    g = torch.Generator().manual_seed(9)
+    noise, dnoise = torch.randn(1, 9, 16, 45, generator=g), torch.randn(1, 1, generator=g)
+    got = run_exported(out, "onnx", x, noise.numpy(), dnoise.numpy()).reshape(1, 9, 16, 45) * 1000.0
     merged = peft_model.merge_and_unload().eval()
-    assert_matches(got, contract_cut(eager_mev(merged, x, ["fccee_allegro"], noise, 1)))
-    base = contract_cut(eager_mev(cd, x, ["fccee_allegro"], noise, 1))
+    assert_matches(got, contract_cut(eager_mev(merged, x, ["fccee_allegro"], noise, 1, dnoise)))
+    base = contract_cut(eager_mev(cd, x, ["fccee_allegro"], noise, 1, dnoise))
     assert np.abs(got - base).max() > 1e-2 * base.max()  # the adapter changed the showers
 
 
@@ -269,7 +277,7 @@ def test_cli_export_bad_input(edm, cd_dir, tmp_path):
     (adapter / "adapter_config.json").write_text("{}")
     assert f"{adapter}: a LoRA adapter alone" in fails(str(adapter), "--format", "onnx")
     bare = tmp_path / "bare"
-    model_copy(edm, normalizer=None).save_pretrained(bare)
+    CaloDiT(patch=edm.patch, n_slots=edm.n_slots, slot_map=edm.slot_map).save_pretrained(bare)  # no normaliser
     msg = fails(str(bare), "--format", "onnx")
     assert str(bare) in msg and "no normaliser" in msg and "'normalizer'" in msg
     assert not (tmp_path / "x.onnx").exists() and not sidecar_path(tmp_path / "x.onnx").exists()

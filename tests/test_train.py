@@ -47,7 +47,9 @@ def test_loss_falls_and_model_is_saved(tiny_edm):
     model = CaloDiT.from_pretrained(tiny_edm)
     assert model.objective == "edm" and model.sampler["steps"] == 32
     assert model.slot_map == {"par04_siw": 0, "par04_scipb": 1, "odd": 2, "fccee_cld": 3} and model.n_slots == 5
-    assert set(model.normalizer) == {"mean", "std", "threshold_mev", "eps", "log_max", "unit", "response"}
+    assert set(model.normalizer) == {"mean", "std", "threshold_mev", "eps", "log_max", "unit", "response",
+                                     "deposit_mean", "deposit_std"}
+    assert model.normalizer["unit"] == "deposit" and model.deposit_net is not None  # the default
     assert (tiny_edm.parent / "config.yaml").exists()
 
 

@@ -20,7 +20,7 @@ def energies(seed, n=50):
 def test_inverse_of_forward_is_identity_above_threshold():
     x, e = showers(0), energies(0)
     for unit, eps in (("mev", 1e-6), ("incident_energy", 1e-9), ("detector_response", 1e-7)):
-        norm = Normalizer.fit([(x, 0.02 * e if unit == "detector_response" else e)], eps=eps, unit=unit,
+        norm = Normalizer.fit([(x, 0.02 * e if unit == "detector_response" else e, None)], eps=eps, unit=unit,
                               response={"odd": 0.02})
         u = norm.unit_mev(e, "odd")
         back = norm.inverse(norm.forward(x, u), u)
@@ -53,9 +53,38 @@ def test_units_take_the_shower_scale_and_the_detector_response_out():
         Normalizer(0.0, 1.0, unit="gev")
 
 
+def test_deposit_unit_keeps_the_shape_and_the_drawn_total_exactly():
+    """Unit `deposit`: cells become the shower's fractions, E_dep is encoded on its own, and inverting a shape with
+    a drawn E_dep gives a shower whose cells sum to exactly that E_dep (and, with the true E_dep, the shower)."""
+    from calofm.data.transforms import deposit
+
+    x, e = showers(7), energies(7)
+    x[x < THRESHOLD_MEV] = 0.0  # so that no cell crosses the threshold when scaled
+    names = ["odd"] * 25 + ["par04_scipb"] * 25
+    norm = Normalizer(0.0, 1.0, eps=5e-6, unit="deposit", response={"odd": 0.013, "par04_scipb": 0.067})
+    expected = norm.expected_deposit(e, names)
+    norm = Normalizer.fit([(x, deposit(x), expected)], eps=5e-6, unit="deposit", response=norm.response)
+    y = norm.encode_deposit(deposit(x), expected)
+    assert y.shape == (50, 1) and abs(y.mean()) < 1e-6 and y.std() == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(norm.decode_deposit(y, expected), deposit(x), rtol=1e-5)
+    z = norm.forward(x, norm.unit_mev(e, names, x))
+    np.testing.assert_allclose(norm.forward(10 * x, norm.unit_mev(e, names, 10 * x)), z, atol=1e-4)  # shape only
+    above = x > 0
+    back = norm.inverse(z, norm.generated_unit(e, names, y))
+    np.testing.assert_allclose(back[above], x[above], rtol=1e-4)
+    drawn = 1.7 * deposit(x)
+    np.testing.assert_allclose(deposit(norm.inverse(z, drawn)), drawn, rtol=1e-5)
+    tz, tdrawn = torch.from_numpy(z), torch.from_numpy(drawn)
+    torch.testing.assert_close(deposit(norm.inverse(tz, tdrawn)), tdrawn, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="needs the showers"):
+        norm.unit_mev(e, names)
+    with pytest.raises(ValueError, match="needs the model's drawn deposit"):
+        norm.generated_unit(e, names)
+
+
 def test_generated_cells_are_capped_at_the_largest_training_deposit():
     x = showers(4)
-    norm = Normalizer.fit([(x, None)])
+    norm = Normalizer.fit([(x, None, None)])
     assert norm.log_max == pytest.approx(np.log(x.max().astype(np.float64) + 1e-6))
     z = norm.forward(x)
     z[0, 0, 0, 0] = z.max() + 5.0  # an outlier cell far above anything in the data
@@ -64,7 +93,7 @@ def test_generated_cells_are_capped_at_the_largest_training_deposit():
 
 def test_streaming_statistics_equal_full_pass():
     parts = [showers(s, n) for s, n in ((1, 7), (2, 30), (3, 13))]
-    streamed = Normalizer.fit((p, None) for p in parts)
+    streamed = Normalizer.fit((p, None, None) for p in parts)
     full = np.log(np.where(np.concatenate(parts) < THRESHOLD_MEV, 0, np.concatenate(parts)).astype(np.float64) + 1e-6)
     assert streamed.mean == pytest.approx(full.mean(), rel=1e-12)
     assert streamed.std == pytest.approx(full.std(), rel=1e-9)

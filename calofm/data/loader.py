@@ -71,15 +71,18 @@ def detector_response(path: Path, max_showers: int | None = None, chunk_size: in
 
 def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, chunk_size: int = 1024,
                    eps: float = 1e-6, unit: str = "mev") -> Normalizer:
-    """ONE scalar mean/std over all given detectors together, in one streaming pass (two for detector_response)."""
+    """ONE scalar mean/std over all given detectors together, in one streaming pass (two for units that need the
+    detector response)."""
     response = ({name: detector_response(p, max_per_detector, chunk_size) for name, p in files.items()}
-                if unit == "detector_response" else {})
+                if unit in ("detector_response", "deposit") else {})
     units = Normalizer(0.0, 1.0, eps=eps, unit=unit, response=response)
 
     def chunks():
         for name, path in files.items():
             for s in _chunks(path, max_per_detector, chunk_size):
-                yield s.showers, units.unit_mev(s.energy, [name] * len(s.energy))
+                names = [name] * len(s.energy)
+                yield (s.showers, units.unit_mev(s.energy, names, s.showers),
+                       units.expected_deposit(s.energy, names) if units.has_deposit else None)
 
     return Normalizer.fit(chunks(), eps=eps, unit=unit, response=response)
 
@@ -108,7 +111,8 @@ class _Cursor:
 
 
 class ShowerStream(IterableDataset):
-    """Infinite stream of batches {x, cond, slot}: x normalised (B, 9, 16, 45), cond (B, 4 + n_slots)."""
+    """Infinite stream of batches {x, cond, slot[, deposit]}: x normalised (B, 9, 16, 45), cond (B, 4 + n_slots),
+    and for a normaliser with unit `deposit` the encoded E_dep (B, 1)."""
 
     def __init__(self, files: dict[str, Path], slot_map: dict[str, int], n_slots: int, normalizer: Normalizer,
                  batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start_batch: int = 0,
@@ -170,10 +174,15 @@ class ShowerStream(IterableDataset):
     def _collate(self, parts: list[Showers], counts: list[int]) -> dict[str, torch.Tensor]:
         s = Showers.concat([p for p, c in zip(parts, counts) if c])
         slots = np.concatenate([np.full(c, self.slot_map[n]) for n, c in zip(self.names, counts)])
-        unit = self.normalizer.unit_mev(s.energy, [n for n, c in zip(self.names, counts) for _ in range(c)])
+        names = [n for n, c in zip(self.names, counts) for _ in range(c)]
+        unit = self.normalizer.unit_mev(s.energy, names, s.showers)
         x = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
         cond = encode_conditions(s.energy, s.theta, s.phi, torch.from_numpy(slots), self.n_slots)
-        return {"x": x, "cond": cond, "slot": torch.from_numpy(slots)}
+        batch = {"x": x, "cond": cond, "slot": torch.from_numpy(slots)}
+        if self.normalizer.has_deposit:
+            expected = self.normalizer.expected_deposit(s.energy, names)
+            batch["deposit"] = torch.from_numpy(self.normalizer.encode_deposit(unit, expected).astype(np.float32))
+        return batch
 
 
 class _Buffered:

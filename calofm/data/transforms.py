@@ -18,7 +18,14 @@ from calofm.geometry import E_MIN_MEV, EMAX_GLOBAL_MEV, THRESHOLD_MEV
 N_COND = 4  # log-scaled E, theta/pi, sin phi, cos phi
 
 
-UNITS = ("mev", "incident_energy", "detector_response")
+UNITS = ("mev", "incident_energy", "detector_response", "deposit")
+
+
+def deposit(showers):
+    """E_dep: the shower's summed energy in cells above the threshold, (B,) from (B, ...) in MeV."""
+    lib = torch if isinstance(showers, torch.Tensor) else np
+    x = lib.where(showers < THRESHOLD_MEV, 0.0 * showers, showers)
+    return x.reshape(x.shape[0], -1).sum(1)
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,13 @@ class Normalizer:
     - `detector_response`: u = E_inc x the detector's mean E_dep / E_inc (`response`, measured on its training
       data), which also takes out the detectors' sampling fractions, as the paper's outlook suggests; a new
       detector brings one number, measured on its adaptation data.
-    The last two keep shapes and inter-layer correlations (one known scalar per shower, unlike per-layer normalisation).
+    - `deposit`: u = the shower's own E_dep, so the cells hold its shape (fractions summing to one) and the total
+      is a variable of its own, y = (log(E_dep / (E_inc x response)) - deposit_mean) / deposit_std, which the
+      model draws first and the shape is conditioned on (as CaloFlow and CaloDREAM draw layer energies first):
+      a diffusion model of the cells alone gets the mean deposit right but its shower-to-shower spread several
+      times too wide (benchmarks/fidelity.md). `inverse` scales the generated shape to sum to the drawn E_dep.
+    The last three keep shapes and inter-layer correlations (one known scalar per shower, unlike per-layer
+    normalisation).
     """
 
     mean: float
@@ -41,18 +54,60 @@ class Normalizer:
     log_max: float = math.log(EMAX_GLOBAL_MEV)  # largest log(x / u + eps) in the fitted data
     unit: str = "mev"
     response: dict[str, float] = field(default_factory=dict)  # detector -> mean E_dep / E_inc
+    deposit_mean: float = 0.0  # of log(E_dep / (E_inc x response)), over all detectors (unit `deposit`)
+    deposit_std: float = 1.0
 
     def __post_init__(self):
         if self.unit not in UNITS:
             raise ValueError(f"normalizer: unit {self.unit!r} is not one of {', '.join(UNITS)}")
 
-    def unit_mev(self, energy_mev, detectors):
-        """Per-shower unit in MeV for showers of `detectors` (a name, or one name per shower); None for `mev`."""
+    def unit_mev(self, energy_mev, detectors, showers=None):
+        """Per-shower unit in MeV for showers of `detectors` (a name, or one name per shower); None for `mev`.
+
+        Unit `deposit` needs the showers themselves (their E_dep); to invert generated ones, pass `decode_deposit`'s
+        E_dep to `inverse` instead.
+        """
         if self.unit == "mev":
             return None
+        if self.unit == "deposit":
+            if showers is None:
+                raise ValueError("normalizer: unit 'deposit' needs the showers to measure each one's E_dep")
+            return deposit(showers)
+        return self.expected_deposit(energy_mev, detectors) if self.unit == "detector_response" else energy_mev
+
+    @property
+    def uses_response(self) -> bool:
+        """Whether each detector brings its mean response (units `detector_response` and `deposit`)."""
+        return self.unit in ("detector_response", "deposit")
+
+    @property
+    def has_deposit(self) -> bool:
+        """Whether E_dep is a variable of its own, drawn before the shape (unit `deposit`)."""
+        return self.unit == "deposit"
+
+    def encode_deposit(self, e_dep, expected_mev):
+        """E_dep (B,) in MeV -> y (B, 1): the standardised log of E_dep / `expected_deposit` (E_inc x response)."""
+        lib = torch if isinstance(e_dep, torch.Tensor) else np
+        y = (lib.log(lib.clip(e_dep, THRESHOLD_MEV, None) / expected_mev) - self.deposit_mean) / self.deposit_std
+        return y.reshape(-1, 1)
+
+    def decode_deposit(self, y, expected_mev):
+        """y (B, 1) -> E_dep (B,) in MeV; the inverse of `encode_deposit`."""
+        lib = torch if isinstance(y, torch.Tensor) else np
+        return lib.exp(y.reshape(-1) * self.deposit_std + self.deposit_mean) * expected_mev
+
+    def generated_unit(self, energy_mev, detectors, deposit=None):
+        """The unit `inverse` needs for generated showers: E_dep decoded from the model's drawn `deposit` (unit
+        `deposit`), else `unit_mev`'s."""
+        if self.has_deposit:
+            if deposit is None:
+                raise ValueError("normalizer: unit 'deposit' needs the model's drawn deposit to invert its showers")
+            return self.decode_deposit(deposit, self.expected_deposit(energy_mev, detectors))
+        return self.unit_mev(energy_mev, detectors)
+
+    def expected_deposit(self, energy_mev, detectors):
+        """E_inc x the detector's mean response, in MeV: the scale of units `detector_response` and `deposit`."""
         lib = torch if isinstance(energy_mev, torch.Tensor) else np
-        if self.unit == "incident_energy":
-            return energy_mev
         names = [detectors] if isinstance(detectors, str) else list(detectors)
         missing = sorted(set(names) - set(self.response))
         if missing:
@@ -79,7 +134,12 @@ class Normalizer:
         # no generated cell exceeds the largest deposit of the training data, as image models clamp to the
         # valid pixel range: one outlier cell would otherwise dominate the shower's energy after the exponential
         x = (lib.exp(lib.clip(z * self.std + self.mean, None, self.log_max)) - self.eps) * self._unit(unit_mev, z.ndim)
-        return lib.where(x < self.threshold_mev, 0.0 * x, x)
+        x = lib.where(x < self.threshold_mev, 0.0 * x, x)
+        if self.unit == "deposit":  # the shape carries the drawn E_dep: cells are its fractions
+            total = x.reshape(x.shape[0], -1).sum(1)
+            scale = unit_mev / lib.where(total > 0, total, 1.0 + 0.0 * total)
+            x = x * scale.reshape(-1, *([1] * (x.ndim - 1)))
+        return x
 
     def with_response(self, detector: str, response: float) -> Normalizer:
         return replace(self, response={**self.response, detector: float(response)})
@@ -95,22 +155,46 @@ class Normalizer:
         return cls(**d)
 
     @classmethod
-    def fit(cls, chunks: Iterable[tuple[np.ndarray, np.ndarray | None]], threshold_mev: float = THRESHOLD_MEV,
-            eps: float = 1e-6, unit: str = "mev", response: dict[str, float] | None = None) -> Normalizer:
-        """Streaming pass over (showers, unit_mev) chunks of all detectors together: exact float64 sums."""
-        n, s, s2, top = 0, 0.0, 0.0, -math.inf
+    def fit(cls, chunks: Iterable[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]],
+            threshold_mev: float = THRESHOLD_MEV, eps: float = 1e-6, unit: str = "mev",
+            response: dict[str, float] | None = None) -> Normalizer:
+        """Streaming pass over (showers, unit_mev, expected_deposit_mev) chunks of all detectors together: exact
+        float64 sums. The third item (E_inc x response, unit `deposit` only) fits deposit_mean / deposit_std."""
+        cells, dep = _Moments(), _Moments()
         shape = cls(0.0, 1.0, threshold_mev, eps, 0.0, unit, dict(response or {}))
-        for showers, u in chunks:
-            y = shape.forward(np.asarray(showers, dtype=np.float64), None if u is None else np.asarray(u, np.float64))
-            n += y.size
-            s += y.sum()
-            s2 += np.square(y).sum()
-            top = max(top, float(y.max()))
-        if n == 0:
+        for showers, u, expected in chunks:
+            showers = np.asarray(showers, dtype=np.float64)
+            cells.add(shape.forward(showers, None if u is None else np.asarray(u, np.float64)))
+            if expected is not None:
+                dep.add(np.log(np.clip(deposit(showers), threshold_mev, None) / np.asarray(expected, np.float64)))
+        if cells.n == 0:
             raise ValueError("normalizer: no showers to fit on")
-        mean = s / n
-        std = math.sqrt(max(s2 / n - mean * mean, 0.0))
-        return replace(shape, mean=float(mean), std=float(std), log_max=top)
+        return replace(shape, mean=cells.mean, std=cells.std, log_max=cells.top,
+                       **({"deposit_mean": dep.mean, "deposit_std": dep.std} if dep.n else {}))
+
+
+@dataclass
+class _Moments:
+    """Running float64 count, mean, std and maximum."""
+
+    n: int = 0
+    s: float = 0.0
+    s2: float = 0.0
+    top: float = -math.inf
+
+    def add(self, y: np.ndarray) -> None:
+        self.n += y.size
+        self.s += float(y.sum())
+        self.s2 += float(np.square(y).sum())
+        self.top = max(self.top, float(y.max()))
+
+    @property
+    def mean(self) -> float:
+        return self.s / self.n
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.s2 / self.n - self.mean**2, 0.0))
 
 
 def kinematics(energy_mev: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,11 @@
 """Objectives and samplers. `denoiser(model)` wraps a CaloDiT's raw network with the preconditioning of the
-model's own objective, so callers never branch on edm vs cd."""
+model's own objective, so callers never branch on edm vs cd.
+
+A model whose normaliser has unit `deposit` draws each shower's total deposit first, with its small
+`deposit_net` and EDM's Heun sampler (whatever the model's objective: it is one number a shower, so 63
+evaluations of an MLP cost next to nothing beside one of the transformer), then the shape conditioned on it:
+the encoded deposit is the last column of the transformer's conditions (`shape_conditions`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,11 @@ from collections.abc import Callable
 import torch
 
 from calofm.diffusion.consistency import boundary_scalings
-from calofm.diffusion.edm import Denoiser, EDMParams, heun_sample, precond
+from calofm.diffusion.edm import Denoiser, EDMParams, heun_sample, per_sample, precond
+
+# The encoded deposit is standardised (unit variance over the training showers), so sigma_data = 1.
+DEPOSIT_PARAMS = EDMParams(sigma_data=1.0)
+DEPOSIT_STEPS = 32
 
 
 def denoiser(model: torch.nn.Module, params: EDMParams = EDMParams(), objective: str | None = None) -> Denoiser:
@@ -20,21 +30,40 @@ def denoiser(model: torch.nn.Module, params: EDMParams = EDMParams(), objective:
         c_skip, c_out, c_in, c_noise = precond(sigma, params.sigma_data)
         if objective == "cd":
             c_skip, c_out = boundary_scalings(sigma, params.sigma_data, params.sigma_min)
-        F_x = model(x * c_in.view(-1, 1, 1, 1), c_noise, cond)
-        return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * F_x.to(x.dtype)
+        F_x = model(x * per_sample(c_in, x), c_noise, cond)
+        return per_sample(c_skip, x) * x + per_sample(c_out, x) * F_x.to(x.dtype)
 
     return D
 
 
+def deposit_denoiser(model: torch.nn.Module) -> Denoiser:
+    """The EDM denoiser of a model's total deposit y (B, 1), conditioned on (B, 4 + n_slots)."""
+    return denoiser(model.deposit_net, DEPOSIT_PARAMS, objective="edm")
+
+
+def shape_conditions(cond: torch.Tensor, deposit: torch.Tensor | None) -> torch.Tensor:
+    """The transformer's conditions: [kinematics, one-hot] and, for a model that draws it, the encoded deposit."""
+    return cond if deposit is None else torch.cat([cond, deposit.to(cond.dtype)], 1)
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, steps: int | None = None,
-           generator: torch.Generator | None = None, progress: Callable | None = None) -> torch.Tensor:
-    """Normalised showers from unit Gaussian `noise` with the model's own sampler and defaults."""
+           generator: torch.Generator | None = None, progress: Callable | None = None,
+           deposit_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised showers from unit Gaussian `noise` with the model's own sampler and defaults, and the encoded
+    deposit (B, 1) they were drawn with (None for a model without `deposit_net`). `deposit_noise` (B, 1) starts
+    the deposit's sampler (default: drawn from `generator`)."""
     params = EDMParams()
+    deposit = None
+    if model.deposit_net is not None:
+        if deposit_noise is None:
+            deposit_noise = torch.randn((noise.shape[0], 1), generator=generator, device=noise.device)
+        deposit = heun_sample(deposit_denoiser(model), deposit_noise, cond, DEPOSIT_PARAMS, DEPOSIT_STEPS)
+    cond = shape_conditions(cond, deposit)
     steps = steps or model.sampler.get("steps") or (32 if model.objective == "edm" else 1)
     D = denoiser(model, params)
     if model.objective == "edm":
-        return heun_sample(D, noise, cond, params, steps, progress)
+        return heun_sample(D, noise, cond, params, steps, progress), deposit
     from calofm.diffusion.consistency import multistep_sample
 
-    return multistep_sample(D, noise, cond, params, steps, generator, progress)
+    return multistep_sample(D, noise, cond, params, steps, generator, progress), deposit

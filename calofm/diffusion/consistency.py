@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from calofm.diffusion.edm import Denoiser, EDMParams, heun_step, karras_sigmas
+from calofm.diffusion.edm import Denoiser, EDMParams, heun_step, karras_sigmas, per_sample
 
 
 def boundary_scalings(sigma: torch.Tensor, sigma_data: float, sigma_min: float):
@@ -45,7 +45,7 @@ def cd_loss(f: Denoiser, f_target: Denoiser, D_teacher: Denoiser, x: torch.Tenso
     n = torch.randint(0, N - 1, (x.shape[0],), generator=generator, device=x.device)  # 0-based: t[n] = t_n
     t_n, t_n1 = t[n], t[n + 1]
     z = torch.randn(x.shape, generator=generator, device=x.device)
-    x_n1 = x + t_n1.view(-1, 1, 1, 1) * z
+    x_n1 = x + per_sample(t_n1, x) * z
     with torch.no_grad():
         x_hat_n = heun_step(D_teacher, x_n1, t_n1, t_n, cond)
         target = f_target(x_hat_n, t_n, cond)

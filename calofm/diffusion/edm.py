@@ -1,6 +1,7 @@
 """EDM (Karras et al. 2022): preconditioning, noise-level distribution, loss weight and the Heun sampler.
 
-Pure functions of tensors; `D` below is any denoiser callable D(x, sigma, cond) -> x0 estimate.
+Pure functions of tensors; `D` below is any denoiser callable D(x, sigma, cond) -> x0 estimate, for x of any
+shape (B, ...): a shower (B, 9, 16, 45) or its total deposit (B, 1).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class EDMParams:
     P_mean: float = -1.2
     P_std: float = 1.2
     rho: float = 7.0
+
+
+def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1), broadcasting one value per sample over x."""
+    return v.view(-1, *([1] * (x.ndim - 1)))
 
 
 def precond(sigma: torch.Tensor, sigma_data: float):
@@ -46,8 +52,8 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
 def edm_loss(D: Denoiser, x: torch.Tensor, cond: torch.Tensor, p: EDMParams,
              generator: torch.Generator | None = None) -> torch.Tensor:
     sigma = sample_sigma(x.shape[0], p, generator, x.device)
-    noise = torch.randn(x.shape, generator=generator, device=x.device) * sigma.view(-1, 1, 1, 1)
-    w = loss_weight(sigma, p.sigma_data).view(-1, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=generator, device=x.device) * per_sample(sigma, x)
+    w = per_sample(loss_weight(sigma, p.sigma_data), x)
     return (w * (D(x + noise, sigma, cond) - x) ** 2).mean()
 
 
@@ -67,7 +73,7 @@ def heun_step(D: Denoiser, x: torch.Tensor, sigma: float | torch.Tensor, sigma_n
     heun = bool((torch.as_tensor(sigma_next) > 0).all())  # decided before x enters, so a trace stays static
     ones = x.new_ones(x.shape[0])
     sigma, sigma_next = sigma * ones, sigma_next * ones
-    s, s_next = sigma.view(-1, 1, 1, 1), sigma_next.view(-1, 1, 1, 1)
+    s, s_next = per_sample(sigma, x), per_sample(sigma_next, x)
     d = (x - D(x, sigma, cond)) / s
     x_next = x + (s_next - s) * d
     if heun:

@@ -12,6 +12,9 @@ CaloChallenge scaling) and its fraction of hit cells: 4 + 8 x segments columns. 
 layer (segments=45, 364 columns here); FPD's extrapolation to N = inf is only unbiased for N >> D (at N = 2,000
 two samples of one distribution give an FPD many errors above zero with 45 segments, consistent with zero with
 5), so the default is 5 segments of 9 layers (~30 mm, ~7 X0 in SiW): 44 columns, sound from ~1,000 showers.
+
+`calochallenge_features` is instead the CaloChallenge evaluation's own FPD/KPD input for dataset 2, column for
+column (362 columns); `metrics.fpd_calochallenge` / `kpd_calochallenge` score it the CaloChallenge's way.
 """
 
 from __future__ import annotations
@@ -144,6 +147,68 @@ def high_level_features(showers: np.ndarray, energy: np.ndarray, segments: int =
         cols.append(np.count_nonzero(seg, axis=(1, 2, 4)) / (N_R * N_PHI * depth))
         rows.append(np.concatenate(cols, axis=1))
     return np.concatenate(rows) if rows else np.zeros((0, 4 + 8 * segments))
+
+
+# ------------------------------------------------------------------------- the CaloChallenge's FPD/KPD input
+
+# The CaloChallenge evaluation (github.com/CaloChallenge/homepage, code/evaluate.py, code/HighLevelFeatures.py and
+# code/XMLHandler.py; read at commit 9b41df7, 2025) on dataset 2, whose mesh is ours, 45 layers x 16 alpha x 9 r.
+# Its cell threshold is 0.5 keV / 0.033 (a hair above THRESHOLD_MEV) and the offset inside log10 of energies 1e-8
+# MeV. XMLHandler puts the alpha bin centres at -pi + (j + 0.5) 2 pi / 16 for the file's alpha index j (= our phi
+# index: see calofm.data.formats), so its "eta" and "phi" are -x and -y of `_X`, `_Y`: the centres change sign,
+# the widths and FPD/KPD (invariant under flipping a feature) do not. They are kept as the CaloChallenge has them.
+CC_THRESHOLD_MEV = 0.5e-3 / 0.033
+CC_LOG_EPS = 1e-8
+_CC_ALPHA = -np.pi + (np.arange(N_PHI) + 0.5) * DPHI
+_CC_ETA = R_CENTRES[:, None] * np.cos(_CC_ALPHA)[None, :]  # (r, alpha)
+_CC_PHI = R_CENTRES[:, None] * np.sin(_CC_ALPHA)[None, :]
+_CC_R = np.broadcast_to(R_CENTRES[:, None], (N_R, N_PHI))
+_CC_PER_LAYER = ("log10_e_layer", "ec_eta", "ec_phi", "width_eta", "width_phi")
+
+
+def calochallenge_names() -> list[str]:
+    """Column names of `calochallenge_features` ([l] = layer l of 45)."""
+    per_layer = [f"{block}[{z}]" for block in _CC_PER_LAYER for z in range(N_Z)]
+    tail = [f"{block}[{z}]" for block in ("sparsity", "ec_r", "width_r") for z in range(N_Z)]
+    return ["log10_e_inc"] + per_layer + ["log10_e_tot"] + tail
+
+
+def _cc_centre_width(x: np.ndarray, coord: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HighLevelFeatures.GetECandWidths per layer: energy-weighted mean and width of `coord` (r, alpha), with
+    the CaloChallenge's 1e-16 MeV in the denominators (centre 0 and width 0 in an empty layer)."""
+    m1 = np.einsum("nraz,ra->nz", x, coord) / (total + 1e-16)
+    m2 = np.einsum("nraz,ra->nz", x, coord * coord) / (total + 1e-16)
+    return m1, np.sqrt(np.clip(m2 - m1**2, 0.0, None))
+
+
+def calochallenge_features(showers: np.ndarray, energy: np.ndarray) -> np.ndarray:
+    """The CaloChallenge evaluation's high-level features of dataset 2 (N, 362) float64, as its
+    `prepare_high_data_for_classifier` builds the FPD/KPD (and high-level classifier) input.
+
+    Cells below 0.5 keV / 0.033 = 15.15 keV are zeroed first; then, in order (names in `calochallenge_names`):
+    log10 E_inc; log10(E_layer + 1e-8) for the 45 layers; per layer the centres of energy in eta and in phi and
+    the widths in eta and in phi (eta, phi = r cos alpha, r sin alpha of the cell centres, mm), each / 100;
+    log10(E_tot + 1e-8); per layer the sparsity (fraction of cells without energy); per layer the centre and
+    the width in r, / 100. Energies in MeV. No E_tot/E_inc column: the CaloChallenge uses log10 E_tot.
+    Computed in float64 (the CaloChallenge in the files' dtype).
+    """
+    showers = np.asarray(showers)
+    energy = np.asarray(energy, dtype=np.float64)
+    _check(showers, energy)
+    rows = []
+    for i in range(0, len(showers), CHUNK):
+        x = showers[i:i + CHUNK].astype(np.float64)
+        x = np.where(x >= CC_THRESHOLD_MEV, x, 0.0)  # evaluate.py: np.where(shower < min_energy, 0, shower)
+        e_layer = x.sum(axis=(1, 2))  # (n, z)
+        ec_eta, w_eta = _cc_centre_width(x, _CC_ETA, e_layer)
+        ec_phi, w_phi = _cc_centre_width(x, _CC_PHI, e_layer)
+        ec_r, w_r = _cc_centre_width(x, _CC_R, e_layer)
+        sparsity = 1.0 - (x > 0).mean(axis=(1, 2))
+        rows.append(np.concatenate([
+            np.log10(energy[i:i + CHUNK])[:, None], np.log10(e_layer + CC_LOG_EPS),
+            ec_eta / 1e2, ec_phi / 1e2, w_eta / 1e2, w_phi / 1e2,
+            np.log10(e_layer.sum(axis=1) + CC_LOG_EPS)[:, None], sparsity, ec_r / 1e2, w_r / 1e2], axis=1))
+    return np.concatenate(rows) if rows else np.zeros((0, 2 + 8 * N_Z))
 
 
 def low_level_features(showers: np.ndarray, energy: np.ndarray) -> np.ndarray:

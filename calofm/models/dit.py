@@ -110,10 +110,30 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+class DepositNet(nn.Module):
+    """EDM's raw F for the shower's total deposit y (B, 1) (normaliser unit `deposit`): an MLP on [c_in y, noise
+    embedding, conditions]. The deposit is one number a shower, so this is cheap next to the transformer, and its
+    distribution (the detector's energy resolution) is learnt directly instead of as a sum over 6480 cells."""
+
+    def __init__(self, cond_dim: int, width: int = 128, depth: int = 3, t_dim: int = 64):
+        super().__init__()
+        self.t_dim = t_dim
+        dims = [1 + t_dim + cond_dim] + [width] * depth
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, y: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([y, timestep_embedding(c_noise, self.t_dim), cond], 1))
+
+
 class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="apache-2.0",
               tags=["calorimeter", "fast-simulation", "diffusion", "high-energy-physics", "calofm"]):
     """Diffusion transformer over the shower mesh, conditioned on noise level, E, theta, phi and detector one-hot.
 
+    With a normaliser of unit `deposit` the model also carries `deposit_net`, which draws the shower's total
+    deposit first; the transformer then draws the shape conditioned on it (one more condition input).
     Every constructor argument is JSON and lands in config.json, so a saved folder is self-describing.
     """
 
@@ -148,10 +168,12 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         self.provenance = dict(provenance or {})
 
         w, cond_dim = self.width, 2 * self.width
+        draws_deposit = (normalizer or {}).get("unit") == "deposit"
+        self.deposit_net = DepositNet(N_COND + n_slots) if draws_deposit else None
         self.patch_embed = nn.Conv3d(1, w, kernel_size=self.patch, stride=self.patch)
         self.register_buffer("pos_embed", sincos_3d(self.grid, w), persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
-        self.cond_embed = nn.Sequential(nn.Linear(N_COND + n_slots, w), nn.SiLU(), nn.Linear(w, w))
+        self.cond_embed = nn.Sequential(nn.Linear(N_COND + n_slots + draws_deposit, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(DiTBlock(w, self.heads, self.mlp_dim, cond_dim) for _ in range(self.depth))
         self.final = FinalLayer(w, math.prod(self.patch), cond_dim)
         self._init_weights()
@@ -165,7 +187,7 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(block.adaLN.weight)
             nn.init.zeros_(block.adaLN.bias)
-        for layer in (self.final.adaLN, self.final.linear):
+        for layer in (self.final.adaLN, self.final.linear) + ((self.deposit_net.net[-1],) if self.deposit_net else ()):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -176,7 +198,7 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return cls(preset=name, **{**PRESETS[name], **overrides})
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, 9, 16, 45), c_noise (B,), cond (B, 4 + n_slots) -> (B, 9, 16, 45)."""
+        """x (B, 9, 16, 45), c_noise (B,), cond (B, 4 + n_slots [+ 1: the encoded deposit]) -> (B, 9, 16, 45)."""
         h = rearrange(self.patch_embed(x[:, None]), "b c r p z -> b (r p z) c") + self.pos_embed
         c = torch.cat([self.t_embed(timestep_embedding(c_noise, 256)), self.cond_embed(cond)], 1)
         for block in self.blocks:
@@ -195,8 +217,10 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return new
 
     def conditioning_parameter_names(self) -> list[str]:
-        """The condition embedding and adaLN modulation: what `conditioning`-only adaptation trains."""
-        return [n for n, _ in self.named_parameters() if n.startswith(("t_embed", "cond_embed")) or ".adaLN." in n]
+        """The condition embedding, the adaLN modulation and the deposit net (a new detector's energy response and
+        resolution): what `conditioning`-only adaptation trains."""
+        return [n for n, _ in self.named_parameters()
+                if n.startswith(("t_embed", "cond_embed", "deposit_net")) or ".adaLN." in n]
 
     def generate_model_card(self, *args, **kwargs):
         """Our card template, so save_pretrained / push_to_hub write it."""

@@ -9,7 +9,7 @@ run through the shared Accelerate loop and train only the parameters the mode se
 - lora: peft LoRA adapters on the attention, MLP and adaLN linears (`adapt.lora_targets`). The condition
   embedding's first Linear, the layer that reads the one-hot vector, trains in full (peft `modules_to_save`):
   the new slot's column is a fresh, never-trained row of inputs, and a low-rank update of that layer would also
-  move every other detector's column. The adapter is saved alone (loadable with `PeftModel.from_pretrained`)
+  move every other detector's column. So does the small deposit net, where the model has one. The adapter is saved alone (loadable with `PeftModel.from_pretrained`)
   and merged into plain weights for the exported model.
 - conditioning: only the condition embedding and the adaLN modulation (`CaloDiT.conditioning_parameter_names`),
   which include that first Linear.
@@ -89,8 +89,9 @@ def select_trainable(model: CaloDiT, mode: str, lora_rank: int = 16, lora_alpha:
     if lora_rank < 1 or not lora_targets:
         raise ValueError(f"LoRA needs adapt.lora_rank >= 1 and some adapt.lora_targets, got {lora_rank} and "
                          f"{list(lora_targets)}")
+    full = [SLOT_LAYER] + (["deposit_net"] if model.deposit_net is not None else [])
     config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        target_modules=list(lora_targets), modules_to_save=[SLOT_LAYER])
+                        target_modules=list(lora_targets), modules_to_save=full)
     return get_peft_model(model, config)
 
 
@@ -163,7 +164,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         raise ValueError(f"adapt.n_train={n_train}, but {files[a.detector]} holds {available} showers")
     run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_per_detector=n_train))
     normalizer = Normalizer.from_dict(base.normalizer)
-    if normalizer.unit == "detector_response" and a.detector not in normalizer.response:
+    if normalizer.uses_response and a.detector not in normalizer.response:
         # the one number a new detector brings to the frozen transform: its mean E_dep / E_inc
         normalizer = normalizer.with_response(a.detector, detector_response(files[a.detector], n_train))
     provenance = {"base_model": edm_ref, "detector": a.detector, "slot": slot, "mode": a.mode, "data": str(a.data),
@@ -198,6 +199,8 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
                          "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
         if base_cd is not None:
             student = base_cd.with_config(slot_map=slot_map, normalizer=normalizer.to_dict(), provenance=cd_provenance)
+            if student.deposit_net is not None:  # the deposit is drawn by the adapted EDM's net (see distill.py)
+                student.deposit_net.load_state_dict(edm.deposit_net.state_dict())
         else:
             accelerator.print("no pretrained CD model: stage 2 starts the student from the adapted EDM")
             student = student_from(edm, sampler=cd_sampler(cfg.distill.sample_steps), provenance=cd_provenance)

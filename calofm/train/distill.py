@@ -16,7 +16,7 @@ from torch import nn
 from calofm.config import RunConfig
 from calofm.data.loader import find_detector_files
 from calofm.data.transforms import Normalizer
-from calofm.diffusion import denoiser
+from calofm.diffusion import denoiser, shape_conditions
 from calofm.diffusion.consistency import cd_loss
 from calofm.diffusion.edm import EDMParams
 from calofm.hub import load_model
@@ -41,13 +41,16 @@ class CDObjective:
             raise ValueError(f"distill.mu must be in [0, 1), got {mu}")
         self.params, self.N = params, N
         teacher.requires_grad_(False).eval()
+        if teacher.deposit_net is not None:  # the student keeps its copy of the teacher's EDM deposit net, frozen:
+            student.deposit_net.requires_grad_(False)  # one number a shower needs no distillation
         self.D_teacher = denoiser(teacher, params, objective="edm")
         self.target = EMA(student, constant_decay(mu))
         self.f_target = denoiser(self.target.model, params, objective="cd")
 
     def loss(self, net: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         f = denoiser(net, self.params, objective="cd")
-        return cd_loss(f, self.f_target, self.D_teacher, batch["x"], batch["cond"], self.params, self.N, generator)
+        cond = shape_conditions(batch["cond"], batch.get("deposit"))
+        return cd_loss(f, self.f_target, self.D_teacher, batch["x"], cond, self.params, self.N, generator)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         self.target.update(model, step)

@@ -11,7 +11,7 @@ from torch import nn
 from calofm.config import ModelConfig, RunConfig
 from calofm.data.loader import find_detector_files, fit_normalizer
 from calofm.data.sources import canonical_source
-from calofm.diffusion import denoiser
+from calofm.diffusion import DEPOSIT_PARAMS, denoiser, deposit_denoiser, shape_conditions
 from calofm.diffusion.edm import EDMParams, edm_loss
 from calofm.geometry import default_slot_map
 from calofm.models.dit import CaloDiT
@@ -21,11 +21,20 @@ EDM_SAMPLER = {"name": "heun", "steps": 32, "rho": 7.0}
 
 
 class EDMObjective:
+    """EDM on the showers; for a model that draws its total deposit first (normaliser unit `deposit`), plus EDM on
+    the deposit, and the shape is learnt conditioned on the shower's true deposit."""
+
     def __init__(self, params: EDMParams = EDMParams()):
         self.params = params
 
     def loss(self, net: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        return edm_loss(denoiser(net, self.params, objective="edm"), batch["x"], batch["cond"], self.params, generator)
+        deposit = batch.get("deposit")
+        cond = shape_conditions(batch["cond"], deposit)
+        loss = edm_loss(denoiser(net, self.params, objective="edm"), batch["x"], cond, self.params, generator)
+        if deposit is not None:  # the same backward pass, so Accelerate's DDP syncs both networks' gradients
+            model = getattr(net, "module", net)
+            loss = loss + edm_loss(deposit_denoiser(model), deposit, batch["cond"], DEPOSIT_PARAMS, generator)
+        return loss
 
     def after_step(self, model: nn.Module, step: int) -> None:
         pass
