@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from calofm.data.formats import ShowerFile, Showers, open_showers
-from calofm.data.transforms import Normalizer, encode_conditions
-from calofm.geometry import THRESHOLD_MEV, get_detector
+from calofm.data.transforms import Normalizer, deposit, encode_conditions
+from calofm.geometry import get_detector
 
 
 def find_detector_files(source: str | Path, detectors: list[str]) -> dict[str, Path]:
@@ -61,8 +61,7 @@ def detector_response(path: Path, max_showers: int | None = None, chunk_size: in
     its containment, the one number `detector_response` normalisation needs from a detector."""
     total, n = 0.0, 0
     for s in _chunks(path, max_showers, chunk_size):
-        deposit = np.where(s.showers < THRESHOLD_MEV, 0.0, s.showers.astype(np.float64)).sum(axis=(1, 2, 3))
-        total += float((deposit / s.energy).sum())
+        total += float((deposit(s.showers.astype(np.float64)) / s.energy).sum())
         n += len(s.energy)
     if n == 0 or total <= 0:
         raise ValueError(f"{path}: no deposited energy to measure the detector response on")

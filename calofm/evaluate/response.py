@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calofm.geometry import THRESHOLD_MEV
+from calofm.data.transforms import deposit
 
 N_BINS = 5
 MIN_SHOWERS_PER_BIN = 10
@@ -19,8 +19,7 @@ MIN_SHOWERS_PER_BIN = 10
 
 def response(showers: np.ndarray, energy: np.ndarray) -> np.ndarray:
     """R = E_dep / E_inc per shower, from (N, ...) cell energies and (N,) incident energies, both in MeV."""
-    x = np.asarray(showers, dtype=np.float64).reshape(len(showers), -1)
-    return np.where(x < THRESHOLD_MEV, 0.0, x).sum(1) / np.asarray(energy, dtype=np.float64)
+    return deposit(np.asarray(showers, dtype=np.float64)) / np.asarray(energy, dtype=np.float64)
 
 
 def _stats(r: np.ndarray) -> dict:
