@@ -193,11 +193,14 @@ def info(model: str = typer.Argument(..., help="A model folder, Hub repo id, or 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, models and the report."),
-         quick: bool = typer.Option(False, "--quick", help="Fewer showers and steps (a smoke run).")):
-    """The whole workflow on embedded synthetic data, ending in a report with plots."""
+         quick: bool = typer.Option(False, "--quick", help="Fewer showers and steps (a smoke run)."),
+         pretrain: bool = typer.Option(False, "--pretrain", help="Pretrain and distil from scratch instead of "
+                                       "adapting the shipped foundation model.")):
+    """What a user does, on embedded synthetic data: adapt the shipped foundation model to a new detector,
+    distil, evaluate; a report with plots."""
     from calofm.demo import run_demo
 
-    report = run_demo(out, quick=quick)
+    report = run_demo(out, quick=quick, pretrain=pretrain)
     typer.echo(f"demo report: {report}")
 
 

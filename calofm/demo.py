@@ -1,4 +1,6 @@
-"""`make demo`: the whole workflow on the embedded synthetic stand-in data, ending in demo_out/report.md.
+"""`make demo`: what a user does, on the embedded synthetic stand-in data, ending in demo_out/report.md: take the
+foundation model that ships with calofm, adapt it to a detector it never saw (fccee_allegro, 1,000 showers),
+distil, evaluate. `--pretrain` pretrains and distils from scratch first instead.
 
 Each stage writes into its own folder and is skipped when its output already exists, so a demo that was
 interrupted continues where it stopped. Stages append markdown sections (with plots) to the report.
@@ -17,12 +19,14 @@ import numpy as np
 
 from calofm.geometry import DETECTORS, NEW_DETECTOR, PRETRAIN_DETECTORS
 from calofm.io import atomic_path, atomic_write_text
+from calofm.pretrained import CD_SUFFIX, SHIPPED, shipped_model
 
 
 @dataclass
 class DemoContext:
     out: Path
     quick: bool
+    pretrain: bool = False  # pretrain and distil from scratch instead of starting from the shipped model
     sections: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -36,6 +40,13 @@ class DemoContext:
 
     def steps(self, full: int) -> int:
         return max(full // 10, 20) if self.quick else full
+
+    @property
+    def base(self) -> tuple[str, str]:
+        """(EDM, CD) the adaptation starts from: the demo's own models, or the shipped foundation model."""
+        if self.pretrain:
+            return str(self.path("pretrain", "model")), str(self.path("distill", "model"))
+        return SHIPPED, SHIPPED + CD_SUFFIX
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -118,77 +129,42 @@ def _plot_loss(rows: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-# The fidelity goals of a pretrained model on held-out showers (CaloDiT-2's FPD on CaloChallenge dataset 2 is
-# 20.1e-3 for EDM; its 1-step CD is 3.4x its teacher's): mean E_dep / E_inc and its relative spread per E_inc bin
-# within these fractions of the data's, FPD and classifier AUC on high-level features at most these.
-GOALS = {"edm": {"mean": 0.02, "spread": 0.10, "fpd": 20e-3, "auc_high": 0.65},
-         "cd": {"mean": 0.03, "spread": 0.15, "fpd_vs_teacher": 3.0}}
-
-
-def fidelity(ctx: DemoContext, model, folder: Path) -> dict[str, dict]:
-    """Generate at every held-out shower's conditions and score it (`calofm.evaluate`), per pretraining detector:
-    the worst E_inc bin's mean and spread ratios, FPD (both definitions) and the high-level classifier AUC."""
+def _fidelity(ctx: DemoContext, model, folder: Path, detectors=PRETRAIN_DETECTORS, slot: str | None = None) -> dict:
+    """`calofm.evaluate.fidelity` of `model` on each detector's held-out showers (generated in `slot`, default the
+    detector's own), saved as folder/fidelity.json."""
     from calofm.data.formats import open_showers
-    from calofm.evaluate.report import evaluate
+    from calofm.evaluate.fidelity import fidelity
     from calofm.generate import generate_showers
 
     summary = {}
-    for d in PRETRAIN_DETECTORS:
+    for d in detectors:
         with open_showers(ctx.path("data", "test", f"{d}.h5")) as f:
             test = f.read()
-        gen = generate_showers(model, d, test.energy, test.theta, test.phi, seed=5)
-        r = evaluate(test, gen, folder / d, metrics=["response", "fpd", "fpd_cc", "auc_high"], detector=d)
-        worst = {k: max(r["response"], key=lambda row, k=k: abs(row[k] - 1)) for k in ("mean_ratio", "spread_ratio")}
-        summary[d] = {"mean_ratio": worst["mean_ratio"]["mean_ratio"],
-                      "mean_ratio_error": worst["mean_ratio"]["mean_ratio_error"],
-                      "spread_ratio": worst["spread_ratio"]["spread_ratio"],
-                      "spread_ratio_error": worst["spread_ratio"]["spread_ratio_error"],
-                      "fpd": r["fpd"], "fpd_cc": r["fpd_cc"], "auc_high": r["auc_high"],
-                      "report": ctx.rel(folder / d / "report.md")}
+        gen = generate_showers(model, slot or d, test.energy, test.theta, test.phi, seed=5)
+        summary[d] = fidelity(test, gen, folder / d, d)
     atomic_write_text(folder / "fidelity.json", json.dumps(summary, indent=1))
     return summary
 
 
-def _fidelity_table(summary: dict[str, dict], goals: dict, teacher: dict[str, dict] | None = None) -> str:
-    head = ("| detector | worst mean ratio | worst spread ratio | FPD x1e3 (calofm) | FPD x1e3 (CaloChallenge) | "
-            "AUC high-level | report |\n|---|---|---|---|---|---|---|\n")
-    rows = []
-    for d, s in summary.items():
-        fpd = f"{s['fpd']['value'] * 1e3:.3g} ± {s['fpd']['error'] * 1e3:.2g}"
-        if teacher is not None:
-            fpd += f" ({s['fpd']['value'] / teacher[d]['fpd']['value']:.2g}x EDM)"
-        rows.append(f"| {d} | {s['mean_ratio']:.3f} ± {s['mean_ratio_error']:.3f} | "
-                    f"{s['spread_ratio']:.2f} ± {s['spread_ratio_error']:.2f} | {fpd} | "
-                    f"{s['fpd_cc']['value'] * 1e3:.3g} ± {s['fpd_cc']['error'] * 1e3:.2g} | {s['auc_high']:.3f} | "
-                    f"[report]({s['report']}) |")
-    fpd_goal = (f"<= {goals['fpd_vs_teacher']:g}x the EDM teacher's" if "fpd_vs_teacher" in goals
-                else f"<= {goals['fpd'] * 1e3:g}")
-    auc_goal = f"<= {goals['auc_high']:g}" if "auc_high" in goals else "–"
-    rows.append(f"| **goal** | within {goals['mean'] * 100:g}% | within {goals['spread'] * 100:g}% | {fpd_goal} | "
-                f"data vs data: see note | {auc_goal} | |")
-    return head + "\n".join(rows) + "\n"
-
-
-FIDELITY_NOTE = ("Held-out synthetic showers, one generated at each one's (E, theta, phi). Mean ratio and spread "
-                 "ratio: generated / data of the mean E_dep / E_inc and of its relative spread, in the five "
-                 "log-spaced E_inc bins of `calofm.evaluate.response`; the bin furthest from 1 is shown. FPD x1e3 in "
-                 "calofm's definition (44 features, data vs data ~0) and the CaloChallenge's (362 features; two "
-                 "independent samples of 2,000 stand-in showers of one detector score ~340-400, so that is the "
-                 "floor here, not 0).")
+def _links(ctx: DemoContext, folder: Path, summary: dict) -> dict[str, str]:
+    return {d: ctx.rel(folder / d / "report.md") for d in summary}
 
 
 def stage_generate(ctx: DemoContext) -> None:
     """Score the pretrained EDM on the held-out showers of each pretraining detector."""
+    from calofm.evaluate.fidelity import GOALS, NOTE, table
     from calofm.hub import load_model
 
-    summary = fidelity(ctx, load_model(ctx.path("pretrain", "model")), ctx.path("pretrain", "eval"))
-    ctx.sections.append("## Fidelity of the pretrained EDM (32 Heun steps)\n\n" + FIDELITY_NOTE + "\n\n" +
-                        _fidelity_table(summary, GOALS["edm"]))
+    folder = ctx.path("pretrain", "eval")
+    summary = _fidelity(ctx, load_model(ctx.path("pretrain", "model")), folder)
+    ctx.sections.append("## Fidelity of the pretrained EDM (32 Heun steps)\n\n" + NOTE + "\n\n" +
+                        table(summary, GOALS["edm"], links=_links(ctx, folder, summary)))
 
 
 def stage_distill(ctx: DemoContext) -> None:
     """Consistency distillation of the pretrained EDM into a 1-step sampler; its fidelity, and speed."""
     from calofm.config import load_config
+    from calofm.evaluate.fidelity import GOALS, table
     from calofm.generate import generate_showers
     from calofm.hub import load_model
     from calofm.train.distill import distill
@@ -203,7 +179,8 @@ def stage_distill(ctx: DemoContext) -> None:
     losses = [json.loads(line) for line in ctx.path("distill", "metrics.jsonl").read_text().splitlines()]
     png = _plot_loss(losses, ctx.path("distill", "loss.png"), "Consistency distillation loss")
     edm, cd = load_model(ctx.path("pretrain", "model")), load_model(model_dir)
-    summary = fidelity(ctx, cd, ctx.path("distill", "eval"))
+    folder = ctx.path("distill", "eval")
+    summary = _fidelity(ctx, cd, folder)
     teacher = json.loads(ctx.path("pretrain", "eval", "fidelity.json").read_text())
     n = 64
     cond = (np.full(n, 50e3, np.float32), np.full(n, math.pi / 2, np.float32), np.zeros(n, np.float32))
@@ -218,62 +195,82 @@ def stage_distill(ctx: DemoContext) -> None:
         f"N = {cd.provenance['n_boundaries']} boundaries, target EMA mu = {cd.provenance['mu']}; the target network "
         f"is shipped. Loss {losses[0]['loss']:.2e} -> {np.mean([r['loss'] for r in losses[-5:]]):.2e} over "
         f"{losses[-1]['step']} steps.\n\n![loss]({ctx.rel(png)})\n\n"
-        f"Fidelity of the 1-step CD model:\n\n{_fidelity_table(summary, GOALS['cd'], teacher)}\n"
+        f"Fidelity of the 1-step CD model:\n\n{table(summary, GOALS['cd'], teacher, _links(ctx, folder, summary))}\n"
         f"Generation speed, batch {n}, this machine: {speeds} "
         f"({speed['CD, 1 step'] / speed['EDM, 32 Heun steps']:.0f}x).\n")
 
 
+def stage_foundation(ctx: DemoContext) -> None:
+    """The foundation model that ships with calofm (`calofm.pretrained`): what it is and its own figures."""
+    from calofm.evaluate.fidelity import GOALS, NOTE, table
+    from calofm.hub import load_model
+
+    edm, cd = load_model(SHIPPED), load_model(SHIPPED + CD_SUFFIX)
+    figures = {name: json.loads((shipped_model(name) / "metrics.json").read_text())
+               for name in (SHIPPED, SHIPPED + CD_SUFFIX)}
+    n_params = sum(p.numel() for p in edm.parameters())
+    ctx.sections.append(
+        f"## The shipped foundation model `{SHIPPED}`\n\n"
+        f"Loaded by name, offline (`load_model(\"{SHIPPED}\")`, folder `calofm/pretrained/{SHIPPED}`): the "
+        f"`{edm.preset}` preset ({n_params:,} parameters), EDM pretrained on {', '.join(edm.slot_map)} and "
+        f"its 1-step CD student (`{SHIPPED + CD_SUFFIX}`); {edm.n_slots - len(edm.slot_map)} free slot(s) for "
+        "a new detector. Its own figures, from its model card (measured when it was made, on held-out showers of "
+        "the same stand-in):\n\n" + NOTE + "\n\nEDM (32 Heun steps):\n\n" +
+        table(figures[SHIPPED], GOALS["edm"]) + "\nCD (1 step):\n\n" +
+        table(figures[SHIPPED + CD_SUFFIX], GOALS["cd"], figures[SHIPPED]))
+    del cd
+
+
 def stage_adapt(ctx: DemoContext) -> None:
-    """Adapt the pretrained EDM and CD models to fccee_allegro (held out of pretraining) and evaluate them on
-    held-out showers; the baseline is the pretrained CD model generating with its closest detector's slot."""
+    """Adapt the pretrained EDM and CD models to fccee_allegro (held out of pretraining) with its 1,000 training
+    showers, and score them on held-out showers beside the pretrained CD model generating with its closest
+    detector's slot (what a user has before adapting)."""
     from calofm.config import load_config
-    from calofm.data.formats import open_showers
-    from calofm.evaluate.report import evaluate
-    from calofm.generate import generate_showers
+    from calofm.evaluate.fidelity import GOALS, NOTE, table
     from calofm.hub import load_model
     from calofm.train.adapt import adapt
 
     out = ctx.path("adapt")
+    edm_ref, cd_ref = ctx.base
     if not (out / "cd").exists():
         recipe = Path("recipes/adapt-full.yaml")
         cfg = load_config(recipe if recipe.exists() else None, [
-            f"output_dir={out}", f"adapt.pretrained={ctx.path('pretrain', 'model')}",
-            f"adapt.pretrained_cd={ctx.path('distill', 'model')}", f"adapt.detector={NEW_DETECTOR}",
-            f"adapt.data={ctx.path('data', 'train', NEW_DETECTOR + '.h5')}", "adapt.mode=full", "adapt.n_train=null",
-            f"train.steps={ctx.steps(300)}", f"adapt.cd_steps={ctx.steps(300)}"])
+            f"output_dir={out}", f"adapt.pretrained={edm_ref}", f"adapt.pretrained_cd={cd_ref}",
+            f"adapt.detector={NEW_DETECTOR}", f"adapt.data={ctx.path('data', 'train', NEW_DETECTOR + '.h5')}",
+            "adapt.mode=full", "adapt.n_train=null", f"train.steps={ctx.steps(300)}",
+            f"adapt.cd_steps={ctx.steps(300)}"])
         adapt(cfg, resume=True)
-    with open_showers(ctx.path("data", "test", f"{NEW_DETECTOR}.h5")) as f:
-        test = f.read()
     baseline = "fccee_cld"  # the pretraining detector closest to ALLEGRO (FCC-ee, 100 GeV range)
-    samples = {"adapted EDM": (load_model(out / "edm"), NEW_DETECTOR),
-               "adapted CD": (load_model(out / "cd"), NEW_DETECTOR),
-               f"pretrained CD as {baseline}": (load_model(ctx.path("distill", "model")), baseline)}
-    rows = []
-    for name, (model, slot_name) in samples.items():
-        gen = generate_showers(model, slot_name, test.energy, test.theta, test.phi, seed=5)
+    rows = {}
+    for name, ref, slot, goals in (("adapted EDM", out / "edm", NEW_DETECTOR, GOALS["edm"]),
+                                   ("adapted CD", out / "cd", NEW_DETECTOR, GOALS["cd"]),
+                                   (f"pretrained CD as {baseline}", cd_ref, baseline, None)):
         folder = out / "eval" / name.replace(" ", "-")
-        result = evaluate(test, gen, folder, metrics=["observables", "fpd", "kpd"], detector=NEW_DETECTOR)
-        rows.append(f"| {name} | {1e3 * result['fpd']['value']:.3g} ± {1e3 * result['fpd']['error']:.2g} | "
-                    f"{1e3 * result['kpd']['value']:.3g} ± {1e3 * result['kpd']['error']:.2g} | "
-                    f"[report]({ctx.rel(folder / 'report.md')}) |")
-    prov = samples["adapted EDM"][0].provenance
+        rows[name] = (_fidelity(ctx, load_model(ref), folder, [NEW_DETECTOR], slot)[NEW_DETECTOR], goals,
+                      ctx.rel(folder / NEW_DETECTOR / "report.md"))
+    edm = load_model(out / "edm")
+    prov = edm.provenance
+    tables = "\n".join(f"{name}:\n\n" + table({NEW_DETECTOR: row}, goals, links={NEW_DETECTOR: link})
+                       for name, (row, goals, link) in rows.items())
     ctx.sections.append(
         f"## Adaptation to {NEW_DETECTOR} (held out of pretraining)\n\n"
-        f"`calofm adapt`, mode {prov['mode']}: slot {prov['slot']} allocated, {prov['n_train']:,} showers, "
-        f"{prov['steps']} EDM steps, then {samples['adapted CD'][0].provenance['steps']} CD steps with the "
-        f"pretrained CD model as the student's start. Scored on {len(test):,} held-out showers at their "
-        "conditions (FPD, KPD x1e3; lower is better):\n\n"
-        "| model | FPD x1e3 | KPD x1e3 | details |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        f"`calofm adapt --pretrained {edm_ref}`, mode {prov['mode']}: slot {prov['slot']} allocated, "
+        f"{prov['n_train']:,} showers, {prov['steps']} EDM steps, then "
+        f"{load_model(out / 'cd').provenance['steps']} CD steps with the pretrained CD model as the student's start. "
+        f"Scored on the held-out {NEW_DETECTOR} showers; compare with the pretrained model's figures on its own "
+        f"detectors above.\n\n{NOTE}\n\n{tables}")
 
 
-STAGES: list[Callable[[DemoContext], None]] = [stage_data, stage_pretrain, stage_generate, stage_distill,
-                                               stage_adapt]
+# What a user does (start from the shipped model), and the same workflow with pretraining from scratch.
+STAGES: list[Callable[[DemoContext], None]] = [stage_data, stage_foundation, stage_adapt]
+PRETRAIN_STAGES: list[Callable[[DemoContext], None]] = [stage_data, stage_pretrain, stage_generate, stage_distill,
+                                                        stage_adapt]
 
 
-def run_demo(out: str | Path, quick: bool = False) -> Path:
-    ctx = DemoContext(Path(out), quick)
+def run_demo(out: str | Path, quick: bool = False, pretrain: bool = False) -> Path:
+    ctx = DemoContext(Path(out), quick, pretrain)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    for stage in STAGES:
+    for stage in PRETRAIN_STAGES if pretrain else STAGES:
         tic = time.perf_counter()
         stage(ctx)
         ctx.timings[stage.__name__.removeprefix("stage_")] = time.perf_counter() - tic

@@ -10,6 +10,7 @@ import torch
 from calofm.data.formats import Showers
 from calofm.data.transforms import Normalizer, encode_conditions
 from calofm.diffusion import sample
+from calofm.geometry import SHAPE
 
 
 def detector_slot(model, detector: str) -> int:
@@ -34,13 +35,13 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
         sl = slice(start, start + batch_size)
         cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots).to(device)
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
-        noise = torch.randn((cond.shape[0], 9, 16, 45), generator=g, device=device)
+        noise = torch.randn((cond.shape[0], *SHAPE), generator=g, device=device)
         z, deposit = sample(model, noise, cond, steps=steps, generator=g)
         unit = normalizer.generated_unit(torch.from_numpy(energy[sl]).to(device), detector, deposit)
         out.append(normalizer.inverse(z.float(), unit).cpu().numpy())
         if progress is not None:
             progress(cond.shape[0])
-    showers = np.concatenate(out) if out else np.zeros((0, 9, 16, 45), np.float32)
+    showers = np.concatenate(out) if out else np.zeros((0, *SHAPE), np.float32)
     return Showers(showers.astype(np.float32), energy, phi, theta)
 
 

@@ -103,8 +103,9 @@ def metric_rows(metrics: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def model_card(model: CaloDiT, *, metrics: dict | str | Path | None = None, repo_id: str | None = None,
-               datasets: list[str] | None = None) -> ModelCard:
-    """The README.md of a saved model: Hub metadata plus the model's architecture, slots, training and metrics."""
+               datasets: list[str] | None = None, notes: str | None = None) -> ModelCard:
+    """The README.md of a saved model: Hub metadata plus the model's architecture, slots, training and metrics,
+    and free-text `notes` (markdown: how the model was made, what its figures mean)."""
     metrics = read_metrics(metrics)
     provenance = dict(model.provenance or {})
     adapted = bool(provenance.get("base_model"))
@@ -146,6 +147,7 @@ def model_card(model: CaloDiT, *, metrics: dict | str | Path | None = None, repo
         training=[(k, v) for k, v in provenance.items() if k != "base_model" and v is not None],
         metrics=rows,
         example_detector=detector,
+        notes=notes,
     )
     if adapted:
         mode = provenance.get("mode")
@@ -155,14 +157,14 @@ def model_card(model: CaloDiT, *, metrics: dict | str | Path | None = None, repo
 
 
 def write_model_card(model_dir: str | Path, *, metrics: dict | str | Path | None = None, repo_id: str | None = None,
-                     model: CaloDiT | None = None) -> Path:
+                     model: CaloDiT | None = None, notes: str | None = None) -> Path:
     """(Re)write README.md of a saved model folder, with the figures of `metrics` or of a metrics.json beside it."""
     model_dir = Path(model_dir)
     model = model if model is not None else load_model(model_dir)
     if metrics is None and (model_dir / METRICS_FILE).is_file():
         metrics = model_dir / METRICS_FILE
     path = model_dir / hf_constants.REPOCARD_NAME
-    atomic_write_text(path, str(model_card(model, metrics=metrics, repo_id=repo_id)))
+    atomic_write_text(path, str(model_card(model, metrics=metrics, repo_id=repo_id, notes=notes)))
     return path
 
 
@@ -170,14 +172,16 @@ def write_model_card(model_dir: str | Path, *, metrics: dict | str | Path | None
 
 
 def load_model(path_or_repo: str | Path, *, revision: str | None = None, **kwargs) -> CaloDiT:
-    """A saved model from a local folder or a Hub repo id (downloaded once into the Hugging Face cache).
+    """A saved model from a local folder, a model shipped with calofm (`calofm.pretrained`, by name, offline) or a
+    Hub repo id (downloaded once into the Hugging Face cache).
 
     huggingface_hub takes any path that does not exist for a repo id, so the local path is checked first.
     """
     from calofm.models.dit import CaloDiT
+    from calofm.pretrained import shipped_model, shipped_models
 
     text = str(path_or_repo)
-    path = Path(text).expanduser()
+    path = shipped_model(text) or Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
             raise NotADirectoryError(f"{path}: a model is a folder holding {' and '.join(MODEL_FILES)}, not a file")
@@ -186,7 +190,8 @@ def load_model(path_or_repo: str | Path, *, revision: str | None = None, **kwarg
             raise FileNotFoundError(f"{path}: not a saved model folder (no {', '.join(missing)})")
         return CaloDiT.from_pretrained(path, **kwargs)
     if not is_repo_id(text):
-        raise FileNotFoundError(f"{text}: no such model folder (nor a Hub repo id OWNER/NAME)")
+        raise FileNotFoundError(f"{text}: no such model folder, shipped model ({', '.join(shipped_models())}) "
+                                "or Hub repo id OWNER/NAME")
     try:
         return CaloDiT.from_pretrained(text, revision=revision, **kwargs)
     except RepositoryNotFoundError:

@@ -11,7 +11,7 @@ from calofm.cli import app
 from calofm.config import load_config
 from calofm.data.formats import open_showers
 from calofm.data.loader import detector_response, find_detector_files, fit_normalizer
-from calofm.data.transforms import Normalizer, encode_conditions
+from calofm.data.transforms import N_COND, Normalizer, encode_conditions
 from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
 from calofm.train.adapt import adapt, allocate_slot, resolve_pretrained, select_trainable
@@ -97,7 +97,7 @@ def test_lora_trains_only_adapters_and_the_slot_layer(pretrained):
     assert with_grad == trainable
     assert all("lora_" in n or "modules_to_save" in n for n in trainable)
     assert sum("lora_A" in n for n in trainable) == 5 + 1  # qkv, proj, fc1, fc2, adaLN of 1 block + final adaLN
-    slot_col = named["base_model.model.cond_embed.0.modules_to_save.default.weight"].grad[:, 4 + 3]
+    slot_col = named["base_model.model.cond_embed.0.modules_to_save.default.weight"].grad[:, N_COND + 3]
     assert slot_col.abs().sum() > 0  # the new slot's one-hot column learns
 
 
@@ -145,7 +145,7 @@ def test_conditioning_changes_only_conditioning_parameters(pretrained, condition
         assert a.keys() == b.keys()
         frozen = [k for k in b if k not in names]
         assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
-        assert not torch.equal(a["cond_embed.0.weight"][:, 4 + 3], b["cond_embed.0.weight"][:, 4 + 3])
+        assert not torch.equal(a["cond_embed.0.weight"][:, N_COND + 3], b["cond_embed.0.weight"][:, N_COND + 3])
         assert after.slot_map == {**PRETRAINED, "fccee_allegro": 3} and after.normalizer == before.normalizer
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from calofm.config import load_config
+from calofm.data.transforms import N_COND
 from calofm.diffusion import consistency, denoiser, edm, sample, shape_conditions
 from calofm.diffusion.consistency import boundaries, cd_loss, multistep_sample, multistep_sigmas
 from calofm.diffusion.edm import EDMParams
@@ -37,7 +38,7 @@ def test_boundary_condition_is_exact_for_random_weights():
     model = random_cd_model()
     f = denoiser(model, P)
     x = torch.randn(4, 9, 16, 45)
-    cond = torch.rand(4, 4 + model.n_slots)
+    cond = torch.rand(4, N_COND + model.n_slots)
     assert torch.equal(f(x, torch.full((4,), P.sigma_min), cond), x)
     assert not torch.allclose(f(x, torch.full((4,), 0.5), cond), x, atol=1e-2)  # the network does contribute
 
@@ -93,7 +94,7 @@ def test_target_is_an_ema_of_the_student_and_only_the_student_learns():
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     before = [p.detach().clone() for p in objective.target.model.parameters()]
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    batch = {"x": torch.randn(4, 9, 16, 45), "cond": torch.rand(4, 4 + student.n_slots)}
+    batch = {"x": torch.randn(4, 9, 16, 45), "cond": torch.rand(4, N_COND + student.n_slots)}
     objective.loss(student, batch, torch.Generator().manual_seed(0)).backward()
     opt.step()
     objective.after_step(student, 1)
@@ -148,7 +149,7 @@ def test_cd_loss_falls_and_saved_model_samples(distilled, tiny_edm):
     teacher = CaloDiT.from_pretrained(tiny_edm)
     assert model.slot_map == teacher.slot_map and model.normalizer == teacher.normalizer
     assert model.provenance["teacher"] == str(tiny_edm) and model.provenance["steps"] == 80
-    cond = torch.zeros(3, 4 + model.n_slots)
+    cond = torch.zeros(3, N_COND + model.n_slots)
     cond[:, 4] = 1
     noise = torch.randn(3, 9, 16, 45, generator=torch.Generator().manual_seed(0))
     f = denoiser(model, P)

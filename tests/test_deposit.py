@@ -11,7 +11,7 @@ import torch
 from calofm.config import load_config
 from calofm.data.formats import write_showers
 from calofm.data.synthetic import generate
-from calofm.data.transforms import Normalizer, deposit, encode_conditions
+from calofm.data.transforms import N_COND, Normalizer, deposit, encode_conditions
 from calofm.diffusion import sample
 from calofm.generate import generate_showers
 from calofm.hub import load_model
@@ -31,7 +31,7 @@ def deposit_edm(tmp_path_factory, data_dir):
 def test_deposit_model_draws_the_deposit_that_its_showers_carry(deposit_edm):
     m = deposit_edm
     assert m.deposit_net is not None and m.normalizer["unit"] == "deposit"
-    assert m.cond_embed[0].in_features == 4 + m.n_slots + 1  # the shape is conditioned on the deposit
+    assert m.cond_embed[0].in_features == N_COND + m.n_slots + 1  # the shape is conditioned on the deposit
     e, theta, phi = np.full(6, 2e4, np.float32), np.full(6, 1.5, np.float32), np.full(6, 0.3, np.float32)
     cond = encode_conditions(e, theta, phi, m.slot_map["odd"], m.n_slots)
     g = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from calofm.data.transforms import N_COND
 from calofm.diffusion import denoiser
 from calofm.diffusion.edm import EDMParams, edm_loss, heun_sample, karras_sigmas, loss_weight, precond
 from calofm.models.dit import CaloDiT
@@ -54,6 +55,6 @@ def test_denoiser_of_untrained_dit_is_c_skip_times_x():
     model = CaloDiT.from_preset("tiny")
     x = torch.randn(3, 9, 16, 45)
     sigma = torch.tensor([0.1, 1.0, 10.0])
-    cond = torch.zeros(3, 4 + model.n_slots)
+    cond = torch.zeros(3, N_COND + model.n_slots)
     c_skip = precond(sigma, 0.5)[0].view(-1, 1, 1, 1)
     torch.testing.assert_close(denoiser(model)(x, sigma, cond), c_skip * x)

@@ -248,6 +248,15 @@ def test_calochallenge_estimators_match_a_direct_reimplementation():
     got = fpd_calochallenge(x, y, seed=7, min_samples=200, max_samples=900, num_batches=4, num_points=3)
     assert got == pytest.approx((fit[0], math.sqrt(cov[0, 0])), rel=1e-7)
 
+    # a feature that explodes in a few generated showers: the fit follows means of ~1e16 instead of returning its
+    # start (1, 1) with zero covariance, as an unscaled fit does (par04_scipb: "1000 ± 0" x1e-3)
+    y_big = y.copy()
+    y_big[:3, 0] = 1e9 * np.abs(x[:, 0]).max()
+    big, big_error = fpd_calochallenge(x, y_big, seed=7, min_samples=200, max_samples=900, num_batches=4, num_points=3)
+    full = frechet_distance(a.mean(0), np.cov(a, rowvar=False), *(lambda v: (v.mean(0), np.cov(v, rowvar=False)))(
+        y_big / np.abs(x).max(0)))
+    assert big_error > 0 and big == pytest.approx(full, rel=0.5) and big > 1e15
+
     vals = []
     for i in range(6):
         rng = np.random.default_rng(3 + 1000 * i)

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from calofm.data.transforms import N_COND
 from calofm.models.dit import PRESETS, CaloDiT
 
 
@@ -13,7 +14,7 @@ def test_presets_shapes_and_tokens(preset, tokens):
     model.final.linear.weight.data.normal_()  # leave adaLN-Zero so the output depends on the input
     model.final.adaLN.bias.data.fill_(0.1)
     x = torch.randn(2, 9, 16, 45)
-    y = model(x, torch.zeros(2), torch.zeros(2, 4 + model.n_slots))
+    y = model(x, torch.zeros(2), torch.zeros(2, N_COND + model.n_slots))
     assert y.shape == x.shape and torch.isfinite(y).all() and y.abs().sum() > 0
 
 

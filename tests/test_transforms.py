@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from calofm.data.transforms import Normalizer, encode_conditions
+from calofm.data.transforms import N_COND, PHI_HARMONICS, Normalizer, encode_conditions
 from calofm.geometry import THRESHOLD_MEV
 
 
@@ -108,7 +108,11 @@ def test_normalizer_serialises_and_rejects_unknown_keys():
 
 def test_condition_encoding():
     c = encode_conditions([1e5, 1e6], [np.pi / 2, np.pi], [0.0, np.pi / 2], 2, 5)
-    expected = torch.tensor([[2 / 3, 0.5, 0.0, 1.0, 0, 0, 1, 0, 0], [1.0, 1.0, 1.0, 0.0, 0, 0, 1, 0, 0]])  # ln E scaled
-    torch.testing.assert_close(c, expected, atol=1e-6, rtol=0)
+    k = torch.tensor(PHI_HARMONICS, dtype=torch.float64)
+    phi = torch.tensor([[0.0], [np.pi / 2]], dtype=torch.float64) * k
+    expected = torch.cat([torch.tensor([[2 / 3, 0.5], [1.0, 1.0]], dtype=torch.float64),  # ln E scaled, theta / pi
+                          torch.sin(phi), torch.cos(phi), torch.tensor([[0, 0, 1, 0, 0]] * 2)], 1).float()
+    assert c.shape == (2, N_COND + 5) and expected[1, 2] == 1.0 and expected[1, 2 + len(k)] < 1e-6  # sin, cos pi/2
+    torch.testing.assert_close(c, expected, atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="slot 5 outside"):
         encode_conditions([1e5], [1.0], [0.0], 5, 5)

@@ -110,7 +110,7 @@ class _Cursor:
 
 
 class ShowerStream(IterableDataset):
-    """Infinite stream of batches {x, cond, slot[, deposit]}: x normalised (B, 9, 16, 45), cond (B, 4 + n_slots),
+    """Infinite stream of batches {x, cond, slot[, deposit]}: x normalised (B, 9, 16, 45), cond (B, N_COND + n_slots),
     and for a normaliser with unit `deposit` the encoded E_dep (B, 1)."""
 
     def __init__(self, files: dict[str, Path], slot_map: dict[str, int], n_slots: int, normalizer: Normalizer,

@@ -15,7 +15,12 @@ import torch
 
 from calofm.geometry import E_MIN_MEV, EMAX_GLOBAL_MEV, THRESHOLD_MEV
 
-N_COND = 4  # log-scaled E, theta/pi, sin phi, cos phi
+# Azimuthal harmonics the model sees: sin(k phi), cos(k phi). Calorimeters are built of modules repeated in phi
+# (ODD: 32 with cracks between them, CLD: 12 staves), so the deposit is periodic in phi with their period; a
+# small network cannot make sin(32 phi) out of sin phi and cos phi, so powers of two and three times them up to
+# 64 are given (benchmarks/fidelity.md: with (1,) alone ODD's crack tail of the deposit was missing).
+PHI_HARMONICS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+N_COND = 2 + 2 * len(PHI_HARMONICS)  # log-scaled E, theta/pi, then sin / cos of each harmonic of phi
 
 
 UNITS = ("mev", "incident_energy", "detector_response", "deposit")
@@ -198,17 +203,19 @@ class _Moments:
 
 
 def kinematics(energy_mev: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """[ln(E/1 GeV)/ln 1000, theta/pi, sin phi, cos phi], (B, 4): the incident particle as the model sees it.
+    """[ln(E/1 GeV)/ln 1000, theta/pi, sin k phi, cos k phi for k in PHI_HARMONICS], (B, N_COND): the incident
+    particle as the model sees it.
 
-    The energy enters on a log scale over [1 GeV, 1 TeV] -> [0, 1]: E/1 TeV (DESIGN.md) squeezes the whole FCC-ee
+    The energy enters on a log scale over [1 GeV, 1 TeV] -> [0, 1]: E/1 TeV (the Par04 contract's input, `calofm/export.py`) squeezes the whole FCC-ee
     range into [0.001, 0.1], which a small model takes thousands of steps to resolve.
     """
     log_e = torch.log(energy_mev / E_MIN_MEV) / math.log(EMAX_GLOBAL_MEV / E_MIN_MEV)
-    return torch.stack([log_e, theta / math.pi, torch.sin(phi), torch.cos(phi)], 1)
+    k_phi = torch.stack([k * phi for k in PHI_HARMONICS], 1)  # scalar constants keep an exported graph device-free
+    return torch.cat([log_e[:, None], theta[:, None] / math.pi, torch.sin(k_phi), torch.cos(k_phi)], 1)
 
 
 def encode_conditions(energy_mev, theta, phi, slot, n_slots: int) -> torch.Tensor:
-    """kinematics + one-hot(slot): the model's condition vector, (B, 4 + n_slots)."""
+    """kinematics + one-hot(slot): the model's condition vector, (B, N_COND + n_slots)."""
     e = torch.as_tensor(energy_mev, dtype=torch.float32).reshape(-1)
     t = torch.as_tensor(theta, dtype=torch.float32).reshape(-1)
     p = torch.as_tensor(phi, dtype=torch.float32).reshape(-1)

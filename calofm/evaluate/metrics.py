@@ -250,7 +250,8 @@ def fpd_calochallenge(real_feats, gen_feats, seed: int = CC_SEED, *, min_samples
     1/max_samples, num_points)); for each N, num_batches pairs of batches of N rows drawn WITH replacement from
     each sample (one np.random.default_rng(seed) for all draws, reference batch first, as jetnet draws them, so
     the same features and seed draw the same batches); the mean Fréchet distance per N is fitted linearly in 1/N
-    (intercept and slope bounded at >= 0); returns the intercept and the fit's standard error on it. Batches may
+    (intercept and slope bounded at >= 0; redone in units of the largest mean where jetnet's fit does not move
+    from its start); returns the intercept and the fit's standard error on it. Batches may
     be larger than the samples (50,000 drawn from 2,000 showers): a batch is handled as draw counts per row, which
     gives its mean and covariance exactly at the cost of the sample, not of the batch. Differences from jetnet:
     the Fréchet distance comes from `frechet_distance` (eigenvalues) rather than scipy.linalg.sqrtm, and all
@@ -270,7 +271,12 @@ def fpd_calochallenge(real_feats, gen_feats, seed: int = CC_SEED, *, min_samples
                 cy = _draw_counts(rng, len(y), int(n))
                 vals.append(frechet_distance(*_weighted_moments(x, cx), *_weighted_moments(y, cy)))
             means.append(np.mean(vals))
-    params, cov = curve_fit(_linear, 1 / sizes, means, bounds=([0.0, 0.0], [np.inf, np.inf]))
+    bounds = ([0.0, 0.0], [np.inf, np.inf])
+    params, cov = curve_fit(_linear, 1 / sizes, means, bounds=bounds)
+    if not cov.any():  # means of ~1e16 (a feature exploding in a few showers) never move the fit from its start
+        scale = float(np.max(np.abs(means)))  # (1, 1), zero covariance, as in jetnet: fit them in its units instead
+        params, cov = curve_fit(_linear, 1 / sizes, np.asarray(means) / scale, bounds=bounds)
+        params, cov = params * scale, cov * scale**2
     return float(params[0]), float(np.sqrt(cov[0, 0]))
 
 

@@ -198,7 +198,7 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return cls(preset=name, **{**PRESETS[name], **overrides})
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, 9, 16, 45), c_noise (B,), cond (B, 4 + n_slots [+ 1: the encoded deposit]) -> (B, 9, 16, 45)."""
+        """x (B, 9, 16, 45), c_noise (B,), cond (B, N_COND + n_slots [+ 1: the encoded deposit]) -> (B, 9, 16, 45)."""
         h = rearrange(self.patch_embed(x[:, None]), "b c r p z -> b (r p z) c") + self.pos_embed
         c = torch.cat([self.t_embed(timestep_embedding(c_noise, 256)), self.cond_embed(cond)], 1)
         for block in self.blocks:
@@ -230,6 +230,10 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
 
     @classmethod
     def _from_pretrained(cls, **kwargs):
+        """The mixin's loader, with a shipped model's name (`calofm/pretrained`) read from its packaged folder."""
+        from calofm.pretrained import shipped_model
+
+        kwargs["model_id"] = str(shipped_model(str(kwargs["model_id"])) or kwargs["model_id"])
         with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints on every local load
             return super()._from_pretrained(**kwargs)
 

@@ -35,6 +35,7 @@ from calofm.geometry import get_detector
 from calofm.hub import load_model
 from calofm.io import atomic_dir
 from calofm.models.dit import CaloDiT
+from calofm.pretrained import shipped_root
 from calofm.train.distill import CDObjective, cd_sampler, student_from
 from calofm.train.loop import make_accelerator, save_model, train
 from calofm.train.pretrain import EDMObjective
@@ -49,9 +50,9 @@ SLOT_LAYER = "cond_embed.0"  # the Linear that reads [E, theta, phi, one-hot]: t
 def resolve_pretrained(pretrained: str, pretrained_cd: str = "") -> tuple[str, str | None]:
     """(EDM, CD or None) model references: a folder holding `edm/` (and `cd/`), or an EDM model (+ a CD model)."""
     if not pretrained:
-        raise ValueError("adapt.pretrained is not set: pass --pretrained DIR (a folder with edm/ and cd/, or an "
-                         "EDM model folder or Hub repo id)")
-    root = Path(pretrained).expanduser()
+        raise ValueError("adapt.pretrained is not set: pass --pretrained DIR (a folder with edm/ and cd/, a shipped "
+                         "model's name such as calodit-tiny-standin, or an EDM model folder or Hub repo id)")
+    root = shipped_root(pretrained) or Path(pretrained).expanduser()
     if (root / "edm").is_dir():
         cd = root / "cd"
         return str(root / "edm"), pretrained_cd or (str(cd) if cd.is_dir() else None)
