@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -38,3 +40,21 @@ def test_sparse_bins_are_left_out():
     e = np.array([1e3] * 50 + [1e6] * 50, np.float64)
     rows = response_table(showers_with_response(0.02, 0.05, e, 0), e, showers_with_response(0.02, 0.05, e, 1), e)
     assert len(rows) == 2  # the three middle bins are empty
+
+
+def test_a_model_that_deposits_nothing_gets_an_infinite_spread_ratio_not_a_crash():
+    e = np.full(50, 1e4)
+    rows = response_table(showers_with_response(0.02, 0.05, e, 0), e, np.zeros((50, 9, 16, 45), np.float32), e)
+    assert rows[0]["mean_ratio"] == 0.0 and rows[0]["spread_ratio"] == np.inf
+
+
+def test_evaluate_writes_an_infinite_spread_ratio_as_null(tmp_path):
+    from calofm.data.formats import Showers
+    from calofm.evaluate.report import evaluate
+
+    e, zeros = np.full(50, 1e4, np.float32), np.zeros(50, np.float32)
+    ref = Showers(showers_with_response(0.02, 0.05, e, 0), e, zeros, zeros + 1.5)
+    result = evaluate(ref, Showers(np.zeros((50, 9, 16, 45)), e, zeros, zeros + 1.5), tmp_path, metrics=["response"])
+    assert result["response"][0]["spread_ratio"] == np.inf
+    assert json.loads((tmp_path / "metrics.json").read_text())["response"][0]["spread_ratio"] is None
+    assert "inf" in (tmp_path / "report.md").read_text()

@@ -294,9 +294,19 @@ def evaluate(reference, generated, out_dir, metrics=None, detector: str | None =
     for note in notes:
         warnings.warn(note, stacklevel=2)
     result["warnings"] = notes
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "report.md", render_report(result))
     return result
+
+
+def _json_safe(obj):
+    """`obj` with every non-finite float as null: strict JSON for other readers (a model that deposits nothing
+    in a bin has an infinite spread ratio; the returned dict and report.md keep the inf)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 # ------------------------------------------------------------------------------------------------- report.md

@@ -26,6 +26,8 @@ def _stats(r: np.ndarray) -> dict:
     n = len(r)
     mean, std = float(r.mean()), float(r.std(ddof=1))
     mean_err, std_err = std / np.sqrt(n), std / np.sqrt(2 * (n - 1))
+    if mean <= 0:  # nothing deposited in the whole bin (a broken model): no relative spread to compare
+        return {"n": n, "mean": mean, "mean_error": mean_err, "rel_spread": np.inf, "rel_spread_error": np.inf}
     rel = std / mean
     rel_err = rel * np.hypot(std_err / std, mean_err / mean) if std > 0 else 0.0
     return {"n": n, "mean": mean, "mean_error": mean_err, "rel_spread": rel, "rel_spread_error": float(rel_err)}
@@ -33,6 +35,8 @@ def _stats(r: np.ndarray) -> dict:
 
 def _ratio(a: float, a_err: float, b: float, b_err: float) -> tuple[float, float]:
     q = a / b
+    if not np.isfinite(q):
+        return float(q), np.inf
     return q, abs(q) * float(np.hypot(a_err / a if a else 0.0, b_err / b))
 
 
