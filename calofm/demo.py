@@ -203,6 +203,11 @@ def stage_distill(ctx: DemoContext) -> None:
         f"({speed['CD, 1 step'] / speed['EDM, 32 Heun steps']:.0f}x).\n")
 
 
+SHARED_DEPOSIT = ("A CD model keeps its EDM teacher's deposit net, frozen (one number a shower needs no "
+                  "distillation), so at the same seed it draws the same total deposits and has the same mean and "
+                  "spread ratios.")
+
+
 def stage_foundation(ctx: DemoContext) -> None:
     """The foundation model that ships with calofm (`calofm.pretrained`): what it is and its own figures."""
     from calofm.evaluate.fidelity import GOALS, NOTE, table
@@ -215,11 +220,11 @@ def stage_foundation(ctx: DemoContext) -> None:
     ctx.sections.append(
         f"## The shipped foundation model `{SHIPPED}`\n\n"
         f"Loaded by name, offline (`load_model(\"{SHIPPED}\")`, folder `calofm/pretrained/{SHIPPED}`): the "
-        f"`{edm.preset}` preset ({n_params:,} parameters), EDM pretrained on {', '.join(edm.slot_map)} and "
+        f"`{edm.preset}` preset ({n_params:,} parameters), EDM pretrained on {', '.join(sorted(edm.slot_map, key=edm.slot_map.get))} and "
         f"its 1-step CD student (`{SHIPPED + CD_SUFFIX}`); {edm.n_slots - len(edm.slot_map)} free slot(s) for "
         "a new detector. Its own figures, from its model card (measured when it was made, on held-out showers of "
         "the same stand-in):\n\n" + NOTE + "\n\nEDM (32 Heun steps):\n\n" +
-        table(figures[SHIPPED], GOALS["edm"]) + "\nCD (1 step):\n\n" +
+        table(figures[SHIPPED], GOALS["edm"]) + f"\nCD (1 step). {SHARED_DEPOSIT}\n\n" +
         table(figures[SHIPPED + CD_SUFFIX], GOALS["cd"], figures[SHIPPED]))
 
 
@@ -248,19 +253,19 @@ def stage_adapt(ctx: DemoContext) -> None:
                                    ("adapted CD", out / "cd", NEW_DETECTOR, GOALS["cd"]),
                                    (f"pretrained CD as {baseline}", cd_ref, baseline, None)):
         folder = out / "eval" / name.replace(" ", "-")
-        rows[name] = (_fidelity(ctx, load_model(ref), folder, [NEW_DETECTOR], slot)[NEW_DETECTOR], goals,
-                      ctx.rel(folder / NEW_DETECTOR / "report.md"))
-    edm = load_model(out / "edm")
-    prov = edm.provenance
-    tables = "\n".join(f"{name}:\n\n" + table({NEW_DETECTOR: row}, goals, links={NEW_DETECTOR: link})
-                       for name, (row, goals, link) in rows.items())
+        rows[name] = (_fidelity(ctx, load_model(ref), folder, [NEW_DETECTOR], slot), goals,
+                      {NEW_DETECTOR: ctx.rel(folder / NEW_DETECTOR / "report.md")})
+    teacher = {"adapted CD": rows["adapted EDM"][0]}
+    tables = "\n".join(f"{name}:\n\n" + table(row, goals, teacher.get(name), links)
+                       for name, (row, goals, links) in rows.items())
+    prov = load_model(out / "edm").provenance
     ctx.sections.append(
         f"## Adaptation to {NEW_DETECTOR} (held out of pretraining)\n\n"
         f"`calofm adapt --pretrained {edm_ref}`, mode {prov['mode']}: slot {prov['slot']} allocated, "
         f"{prov['n_train']:,} showers, {prov['steps']} EDM steps, then "
         f"{load_model(out / 'cd').provenance['steps']} CD steps with the pretrained CD model as the student's start. "
         f"Scored on the held-out {NEW_DETECTOR} showers; compare with the pretrained model's figures on its own "
-        f"detectors above.\n\n{NOTE}\n\n{tables}")
+        f"detectors above.\n\n{NOTE} {SHARED_DEPOSIT}\n\n{tables}")
 
 
 # What a user does (start from the shipped model), and the same workflow with pretraining from scratch.
