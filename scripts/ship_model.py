@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="the command that made its training data, for the card")
     ap.add_argument("--notes", default="", help="more markdown for the card (e.g. the learning curve)")
     ap.add_argument("--eval-dir", default=None, help="keep the evaluation folders here (default: not kept)")
+    ap.add_argument("--card-only", action="store_true",
+                    help="rewrite the shipped model's card (e.g. new --notes) from its metrics.json; no evaluation")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
@@ -49,10 +51,11 @@ def main() -> None:
     if model.objective != args.kind:
         raise SystemExit(f"{args.model}: objective {model.objective!r}, but --kind {args.kind}")
     detectors = sorted(model.slot_map, key=model.slot_map.get)
-    summary = {}
+    out = ROOT / args.name / args.kind
+    summary = json.loads((out / "metrics.json").read_text()) if args.card_only else {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.eval_dir or tmp)
-        for det in detectors:
+        for det in [] if args.card_only else detectors:
             with open_showers(Path(args.reference) / f"{det}.h5") as f:
                 ref = f.read(0, min(args.n, len(f)))
             gen = generate_showers(model, det, ref.energy, ref.theta, ref.phi, seed=1)
@@ -64,9 +67,9 @@ def main() -> None:
         provenance.update(teacher=args.name, teacher_provenance={**provenance["teacher_provenance"],
                                                                  "data": provenance["data"]})
     shipped = model.with_config(provenance=provenance)
-    out = ROOT / args.name / args.kind
-    shipped.save_pretrained(out)
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1) + "\n")
+    if not args.card_only:
+        shipped.save_pretrained(out)
+        atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1) + "\n")
     name = args.name + (CD_SUFFIX if args.kind == "cd" else "")
     notes = (f"Trained on the synthetic GFlash-parametrised stand-in showers that calofm embeds, **not Geant4**: "
              f"its figures say how well it learnt that stand-in, not real detectors. Training data: "

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from calofm.data.loader import ShowerStream, find_detector_files, fit_normalizer
-from calofm.data.transforms import Normalizer
+from calofm.data.transforms import N_COND, Normalizer
 from calofm.geometry import PRETRAIN_DETECTORS, default_slot_map
 
 DETS = list(PRETRAIN_DETECTORS)
@@ -33,10 +33,10 @@ def energies(batch):  # the (encoded) incident energy identifies a shower: conti
 
 def test_batches_are_balanced_and_well_formed(files):
     for b in take(stream(files, batch_size=10), 4):
-        assert b["x"].shape == (10, 9, 16, 45) and b["cond"].shape == (10, 9)
+        assert b["x"].shape == (10, 9, 16, 45) and b["cond"].shape == (10, N_COND + 5)
         counts = np.bincount(b["slot"].numpy(), minlength=4)
         assert counts.max() - counts.min() <= 1 and counts.sum() == 10
-        torch.testing.assert_close(b["cond"][:, 4:].argmax(1), b["slot"])
+        torch.testing.assert_close(b["cond"][:, N_COND:].argmax(1), b["slot"])
 
 
 def test_ranks_see_disjoint_showers(files):
