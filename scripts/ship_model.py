@@ -31,6 +31,10 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="the command that made its training data, for the card")
     ap.add_argument("--notes", default="", help="more markdown for the card (e.g. the learning curve)")
     ap.add_argument("--eval-dir", default=None, help="keep the evaluation folders here (default: not kept)")
+    ap.add_argument("--detectors", nargs="*", help="evaluate only these (default: the model's slot map)")
+    ap.add_argument("--rows-out", help="write the evaluated rows to this JSON file and stop (to split the "
+                    "evaluation over processes)")
+    ap.add_argument("--from-rows", nargs="*", help="ship with the rows of these --rows-out files; no evaluation")
     ap.add_argument("--card-only", action="store_true",
                     help="rewrite the shipped model's card (e.g. new --notes) from its metrics.json; no evaluation")
     ap.add_argument("--threads", type=int, default=None)
@@ -53,14 +57,20 @@ def main() -> None:
     detectors = sorted(model.slot_map, key=model.slot_map.get)
     out = ROOT / args.name / args.kind
     summary = json.loads((out / "metrics.json").read_text()) if args.card_only else {}
+    for rows in args.from_rows or []:
+        summary.update(json.loads(Path(rows).read_text()))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.eval_dir or tmp)
-        for det in [] if args.card_only else detectors:
+        for det in [] if args.card_only or args.from_rows else args.detectors or detectors:
             with open_showers(Path(args.reference) / f"{det}.h5") as f:
                 ref = f.read(0, min(args.n, len(f)))
             gen = generate_showers(model, det, ref.energy, ref.theta, ref.phi, seed=1)
             summary[det] = fidelity(ref, gen, folder / det, det)
             print(det, json.dumps(summary[det]), flush=True)
+    if args.rows_out:
+        atomic_write_text(args.rows_out, json.dumps(summary, indent=1) + "\n")
+        return
+    summary = {d: summary[d] for d in detectors}  # every detector, in slot order
 
     provenance = {**model.provenance, "data": "synthetic stand-in (calofm.data.synthetic), see the notes"}
     if args.kind == "cd":

@@ -229,11 +229,15 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return model_card(self, **kwargs)
 
     @classmethod
-    def _from_pretrained(cls, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """The mixin's loader, with a shipped model's name (`calofm/pretrained`) read from its packaged folder."""
         from calofm.pretrained import shipped_model
 
-        kwargs["model_id"] = str(shipped_model(str(kwargs["model_id"])) or kwargs["model_id"])
+        name = str(pretrained_model_name_or_path)
+        return super().from_pretrained(shipped_model(name) or pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, **kwargs):
         with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints on every local load
             return super()._from_pretrained(**kwargs)
 
