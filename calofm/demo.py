@@ -248,22 +248,23 @@ def stage_adapt(ctx: DemoContext) -> None:
             f"adapt.cd_steps={ctx.steps(300)}"])
         adapt(cfg, resume=True)
     baseline = "fccee_cld"  # the pretraining detector closest to ALLEGRO (FCC-ee, 100 GeV range)
+    edm, cd = load_model(out / "edm"), load_model(out / "cd")
     rows = {}
-    for name, ref, slot, goals in (("adapted EDM", out / "edm", NEW_DETECTOR, GOALS["edm"]),
-                                   ("adapted CD", out / "cd", NEW_DETECTOR, GOALS["cd"]),
-                                   (f"pretrained CD as {baseline}", cd_ref, baseline, None)):
+    for name, model, slot, goals in (("adapted EDM", edm, NEW_DETECTOR, GOALS["edm"]),
+                                     ("adapted CD", cd, NEW_DETECTOR, GOALS["cd"]),
+                                     (f"pretrained CD as {baseline}", load_model(cd_ref), baseline, None)):
         folder = out / "eval" / name.replace(" ", "-")
-        rows[name] = (_fidelity(ctx, load_model(ref), folder, [NEW_DETECTOR], slot), goals,
+        rows[name] = (_fidelity(ctx, model, folder, [NEW_DETECTOR], slot), goals,
                       {NEW_DETECTOR: ctx.rel(folder / NEW_DETECTOR / "report.md")})
     teacher = {"adapted CD": rows["adapted EDM"][0]}
     tables = "\n".join(f"{name}:\n\n" + table(row, goals, teacher.get(name), links)
                        for name, (row, goals, links) in rows.items())
-    prov = load_model(out / "edm").provenance
+    prov = edm.provenance
     ctx.sections.append(
         f"## Adaptation to {NEW_DETECTOR} (held out of pretraining)\n\n"
         f"`calofm adapt --pretrained {edm_ref}`, mode {prov['mode']}: slot {prov['slot']} allocated, "
         f"{prov['n_train']:,} showers, {prov['steps']} EDM steps, then "
-        f"{load_model(out / 'cd').provenance['steps']} CD steps with the pretrained CD model as the student's start. "
+        f"{cd.provenance['steps']} CD steps with the pretrained CD model as the student's start. "
         f"Scored on the held-out {NEW_DETECTOR} showers; compare with the pretrained model's figures on its own "
         f"detectors above.\n\n{NOTE} {SHARED_DEPOSIT}\n\n{tables}")
 
