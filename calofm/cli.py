@@ -48,7 +48,7 @@ SetOpt = typer.Option(None, "--set", help="Override a recipe key: dotted.key=val
 def data_synth(
     detector: str | None = typer.Option(None, "--detector", help="One detector (see calofm.geometry)."),
     all_: bool = typer.Option(False, "--all", help="All five detectors."),
-    n: int = typer.Option(..., "--n", help="Showers per detector."),
+    n: int = typer.Option(..., "--n", min=1, help="Showers per detector."),
     seed: int = typer.Option(0, "--seed", help="Run seed; each detector's stream derives from it and its name."),
     out: Path = typer.Option(..., "--out", help="Folder for <detector>.h5 (LEMURS format)."),
 ) -> None:
@@ -131,7 +131,7 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
           detector: str | None = typer.Option(None, "--detector", help="The new detector's name."),
           data: str | None = typer.Option(None, "--data", help="Its showers: file, folder or Hub dataset."),
           mode: str | None = typer.Option(None, "--mode", help="full | lora | conditioning"),
-          n_train: int | None = typer.Option(None, "--n-train", help="Use the first N showers (default: all)."),
+          n_train: int | None = typer.Option(None, "--n-train", min=1, help="Use the first N showers (default: all)."),
           out: Path | None = typer.Option(None, "--out", help="Output folder (overrides output_dir)."),
           set_: list[str] | None = SetOpt,
           resume: bool = typer.Option(False, "--resume", help="Continue an interrupted adaptation in its folder.")):
@@ -161,14 +161,14 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
 @app.command()
 def generate(model: str = typer.Option(..., "--model", help="Model folder or Hub repo id."),
              detector: str = typer.Option(..., "--detector", help="Detector name (must be in the model's slot map)."),
-             n: int = typer.Option(1000, "--n", help="Number of showers (ignored with --conditions)."),
+             n: int = typer.Option(1000, "--n", min=1, help="Number of showers (ignored with --conditions)."),
              energy: float | None = typer.Option(None, "--energy", help="Fixed incident energy in GeV."),
              theta: float | None = typer.Option(None, "--theta", help="Fixed polar angle in rad."),
              phi: float | None = typer.Option(None, "--phi", help="Fixed azimuth in rad."),
              conditions: Path | None = typer.Option(None, "--conditions",
                                                        help="Take (E, theta, phi) from this shower file."),
-             steps: int | None = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
-             batch_size: int = typer.Option(256, "--batch-size"),
+             steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the model's)."),
+             batch_size: int = typer.Option(256, "--batch-size", min=1),
              seed: int = typer.Option(0, "--seed"),
              fmt: str = typer.Option("lemurs", "--format", help="lemurs | calochallenge"),
              out: Path = typer.Option(..., "--out", help="Output HDF5 file.")):
@@ -216,7 +216,7 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
              point: list[str] | None = typer.Option(
                  None, "--point", help="Fixed point 'E_GeV,theta[,phi]' to compare at (repeatable; default: the "
                  "shared conditions of fixed-point files, else 10 and 50 GeV at normal incidence and 50 GeV at 1.2 rad)."),
-             max_showers: int | None = typer.Option(None, "--max-showers", help="Use only the first N showers of each file."),
+             max_showers: int | None = typer.Option(None, "--max-showers", min=1, help="Use only the first N showers of each file."),
              seed: int = typer.Option(0, "--seed")):
     """Compare generated showers with reference showers: observables, FPD, KPD (calofm's and the CaloChallenge's
     definitions), classifier AUCs, PRDC."""
@@ -262,9 +262,9 @@ def export_cmd(model: str = typer.Argument(..., metavar="DIR",
                fmt: str = typer.Option(..., "--format", help="onnx | torchscript"),
                device: str = typer.Option("cpu", "--device", help="cpu | cuda: where the graph will run (ONNX: the "
                                           "execution providers recorded); the graph itself runs on either."),
-               batch: int | None = typer.Option(None, "--batch", help="Fixed batch size (default 1: the Par04 contract)."),
+               batch: int | None = typer.Option(None, "--batch", min=1, help="Fixed batch size (default 1: the Par04 contract)."),
                dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="A free batch axis instead."),
-               steps: int | None = typer.Option(None, "--steps", help="Sampler steps unrolled into the graph "
+               steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps unrolled into the graph "
                                                 "(default: CD 1, EDM the model's)."),
                new_detector: str | None = typer.Option(None, "--new-detector", help="Adapted detector for the "
                                                        "contract's 'new' slot, when the model has several."),

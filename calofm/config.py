@@ -4,6 +4,7 @@ resolved config is written beside every checkpoint. Unknown keys and wrong types
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,11 @@ class DataConfig:
                                        # | mev (README, "Data contract")
     num_workers: int = 0
 
+    def __post_init__(self):
+        _at_least(self, "data", 1, "chunk_size", "max_per_detector")
+        _at_least(self, "data", 0, "num_workers")
+        _between(self, "data", "log_eps", 0.0, math.inf, low_open=True)
+
 
 @dataclass
 class TrainConfig:
@@ -61,6 +67,25 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     log_with: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]
+    max_nonfinite_steps: int = 10      # steps skipped for a non-finite loss or gradient before the run stops
+    allow_world_size_change: bool = False  # resume on another number of processes (no longer bit-exact)
+
+    def __post_init__(self):
+        _at_least(self, "train", 1, "steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                  "log_every")
+        _at_least(self, "train", 0, "max_nonfinite_steps")
+        _between(self, "train", "lr", 0.0, math.inf, low_open=True)
+        _between(self, "train", "weight_decay", 0.0, math.inf)
+        _between(self, "train", "grad_clip", 0.0, math.inf)
+        _between(self, "train", "ema_max", 0.0, 1.0)
+        _between(self, "train", "warmup_frac", 0.0, 1.0)
+        _between(self, "train", "decay_frac", 0.0, 1.0)
+        for i, b in enumerate(self.betas):
+            _between(self, "train", f"betas[{i}]", 0.0, 1.0, value=b, high_open=True)
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas: expected two numbers, got {self.betas!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"train.mixed_precision must be one of no, fp16, bf16, got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -95,6 +120,28 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _at_least(cfg: Any, section: str, low: int, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and isinstance(value, int) and value < low:
+            raise ConfigError(f"{section}.{name} must be >= {low}, got {value}")
+
+
+def _between(cfg: Any, section: str, name: str, low: float, high: float, *, value: Any = None,
+             low_open: bool = False, high_open: bool = False) -> None:
+    """`low <= value <= high` (strict where open), and finite; NaN fails every comparison."""
+    value = getattr(cfg, name) if value is None else value
+    if not isinstance(value, (int, float)):
+        return  # a wrong type is reported by the conversion, with its key
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok or not math.isfinite(value):
+        lo, hi = "(" if low_open else "[", ")" if high_open or math.isinf(high) else "]"
+        raise ConfigError(f"{section}.{name} must be a finite number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- conversion

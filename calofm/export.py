@@ -1,4 +1,4 @@
-"""Export a model to one self-contained graph with Geant4's Par04 contract (DESIGN.md section 9): ONNX or TorchScript.
+"""Export a model to one self-contained graph with Geant4's Par04 contract (README.md, "Export to Geant4"): ONNX or TorchScript.
 
 The graph takes (B, 8) = [E GeV, phi, theta, one-hot over the contract's 5 slots] and returns (B, 6480) cell energies
 in GeV, flat index r*(16*45) + phi*45 + z. Everything between is inside it: the contract-to-model slot mapping,

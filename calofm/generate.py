@@ -25,6 +25,9 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     """One shower per (energy MeV, theta, phi); the model's own sampler (EDM Heun or CD) and step default."""
     if model.normalizer is None:
         raise ValueError("model has no normaliser in its config; it was not trained by calofm")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     normalizer = Normalizer.from_dict(model.normalizer)
     energy, theta, phi = (np.asarray(a, dtype=np.float32).reshape(-1) for a in (energy, theta, phi))
     slot = detector_slot(model, detector)

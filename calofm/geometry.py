@@ -2,7 +2,9 @@
 
 Every detector is seen through the same cylindrical scoring mesh (the CaloChallenge dataset-2 mesh), so one
 model can learn them all; a detector differs only by its one-hot slot and by the physics it puts on the mesh.
-The physics constants are the effective stand-in values of DESIGN.md section 3 (per mm of the mesh's z axis).
+The physics constants below are effective stand-in values (per mm of the mesh's z axis) that give each detector
+the response, resolution and shower shape of its kind (sampling or homogeneous, its X0 and Moliere radius);
+README.md, "The embedded data are a stand-in".
 """
 
 from __future__ import annotations

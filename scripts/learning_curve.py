@@ -3,8 +3,7 @@ seen, on one fixed held-out file per detector (benchmarks/fidelity.md).
 
     python scripts/learning_curve.py runs/pretrain --reference data/test --n 300 --out study/curve
 
-Each checkpoint's EMA weights (the third object the loop registers for checkpointing: schedule, step, EMA; read
-with weights_only=True, so only tensors are unpickled) go into the run's final model config; `calofm.evaluate.
+Each checkpoint's EMA weights (`ema_0.safetensors`, `calofm.train.checkpoint`) go into the run's final model config; `calofm.evaluate.
 fidelity` scores them (EDM, the model's own sampler). Writes curve.json and curve.png (FPD and the worst spread
 ratio against showers seen) and prints a markdown table.
 """
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-EMA_OBJECT = "custom_checkpoint_2.pkl"
+EMA_FILE = "ema_0.safetensors"
 
 
 def main() -> None:
@@ -31,6 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from matplotlib.figure import Figure
+    from safetensors.torch import load_model as load_weights
 
     from calofm.config import load_config
     from calofm.data.formats import open_showers
@@ -54,7 +54,7 @@ def main() -> None:
         step = int(ckpt.name.removeprefix("step_"))
         if args.steps and step not in args.steps:
             continue
-        model.load_state_dict(torch.load(ckpt / EMA_OBJECT, weights_only=True))
+        load_weights(model, str(ckpt / EMA_FILE))
         row = {"step": step, "showers_seen": step * batch, "detectors": {}}
         for det, ref in refs.items():
             gen = generate_showers(model, det, ref.energy, ref.theta, ref.phi, seed=1)

@@ -1,8 +1,7 @@
 """A small in-memory Hugging Face Hub for tests.
 
 No package on the registry serves the Hub's write API, so this stdlib server speaks the endpoints that
-huggingface_hub 2.4 uses to create repositories, commit files, list trees and download files (DESIGN.md
-section 10). Every file is committed as a regular git blob (preupload answers "regular"), so no LFS or Xet
+huggingface_hub 2.4 uses to create repositories, commit files, list trees and download files. Every file is committed as a regular git blob (preupload answers "regular"), so no LFS or Xet
 traffic happens. Repositories live in memory; commits get sha1 ids like git's.
 """
 

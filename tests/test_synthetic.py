@@ -1,4 +1,4 @@
-"""The GFlash-parametrised stand-in generator: physics it promises (DESIGN.md section 3), determinism, files, CLI.
+"""The GFlash-parametrised stand-in generator: physics it promises (`calofm.geometry`, `calofm.data.synthetic`), determinism, files, CLI.
 
 Statistical tolerances are stated where they are used; sample sizes keep each check many standard errors away
 from its bound while the whole file stays within a few seconds of generation.

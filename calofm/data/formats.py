@@ -1,6 +1,6 @@
 """LEMURS and CaloChallenge dataset-2 HDF5 files: streaming readers, atomic writers, conversion, validation.
 
-Both formats hold showers on the same 9 x 16 x 45 mesh (DESIGN.md section 2); in memory a batch is always a
+Both formats hold showers on the same 9 x 16 x 45 mesh (`calofm.geometry`); in memory a batch is always a
 `Showers` with arrays in (r, phi, z) order and float32 MeV.
 
 - LEMURS: `showers` (N, 9, 16, 45), `incident_energy`, `incident_phi`, `incident_theta` (N,), all float32.
@@ -153,6 +153,11 @@ def _check_detector(file, attrs: dict) -> str | None:
     return detector
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ShowerFile:
     """Lazy reader of a LEMURS or CaloChallenge-DS2 file (format detected from its keys); reads only what is asked.
 
@@ -170,6 +175,12 @@ class ShowerFile:
             raise ShowerFormatError(f"{self.path}: not a readable HDF5 file ({e})") from None
         try:
             self._open()
+        except ShowerFormatError:
+            self._h5.close()
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:  # h5py on damaged metadata
+            self._h5.close()
+            raise ShowerFormatError(f"{self.path}: damaged HDF5 metadata ({_first_line(e)})") from None
         except BaseException:
             self._h5.close()
             raise
@@ -228,16 +239,22 @@ class ShowerFile:
     def __repr__(self) -> str:
         return f"ShowerFile({str(self.path)!r}, format={self.format!r}, detector={self.detector!r}, n={self._n})"
 
+    def _get(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one dataset; a damaged chunk is an error naming the file, key and showers."""
+        ds = self._ds[key]
+        try:
+            return ds[start:stop]
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise OSError(f"{self.path}: key {ds.name.lstrip('/')!r}, showers {start}-{stop - 1}: cannot be read "
+                          f"({_first_line(e)}); the file is damaged") from None
+
     def _read_slice(self, start: int, stop: int) -> Showers:
-        ds, n = self._ds, stop - start
-        if self.format == "lemurs":
-            x = ds["showers"][start:stop]
-            energy = ds["energy"][start:stop]
-        else:  # (n, z*alpha*r) -> (n, r, alpha, z)
-            x = ds["showers"][start:stop].reshape(n, N_Z, N_PHI, N_R).transpose(0, 3, 2, 1)
-            energy = ds["energy"][start:stop, 0]
-        phi = ds["phi"][start:stop] if "phi" in ds else np.full(n, CALOCHALLENGE_DEFAULT_PHI)
-        theta = ds["theta"][start:stop] if "theta" in ds else np.full(n, CALOCHALLENGE_DEFAULT_THETA)
+        n = stop - start
+        x, energy = self._get("showers", start, stop), self._get("energy", start, stop)
+        if self.format == "calochallenge":  # (n, z*alpha*r) -> (n, r, alpha, z)
+            x, energy = x.reshape(n, N_Z, N_PHI, N_R).transpose(0, 3, 2, 1), energy[:, 0]
+        phi = self._get("phi", start, stop) if "phi" in self._ds else np.full(n, CALOCHALLENGE_DEFAULT_PHI)
+        theta = self._get("theta", start, stop) if "theta" in self._ds else np.full(n, CALOCHALLENGE_DEFAULT_THETA)
         return Showers(np.ascontiguousarray(x, dtype=np.float32), energy, phi, theta)
 
     def read(self, start: int = 0, stop: int | None = None) -> Showers:

@@ -1,4 +1,4 @@
-"""GFlash-parametrised synthetic showers: the embedded default data, a stand-in for Geant4 (DESIGN.md section 3).
+"""GFlash-parametrised synthetic showers: the embedded default data, a stand-in for Geant4.
 
 Geant4 is not available here, so the demo, tests and benchmarks train on showers drawn from the Grindhammer &
 Peters parametrisation (GFlash: NIM A 290 (1990) 469, hep-ex/0001020) with each detector's effective constants
@@ -59,7 +59,7 @@ GENERATOR = f"calofm GFlash-parametrised stand-in (not Geant4) v{GENERATOR_VERSI
 CHUNK = 64  # showers per vectorised step: a 1.7 MB float32 cell map, so the work stays in L2 cache
 
 # Longitudinal profile (Grindhammer & Peters, homogeneous media; y = E / Ec; T in X0).
-T_OFFSET = -0.5                   # <T> = ln y - 0.5 for photons (DESIGN.md)
+T_OFFSET = -0.5                   # <T> = ln y - 0.5 for photons (Grindhammer & Peters)
 ALPHA_A = (0.81, 0.458, 2.26)     # <ln alpha> = ln(a1 + (a2 + a3 / Z) ln y)
 SIGMA_LN_T = (-1.4, 1.26)         # sigma(ln T) = 1 / (s1 + s2 ln y)
 SIGMA_LN_ALPHA = (-0.58, 0.86)    # sigma(ln alpha) = 1 / (s1 + s2 ln y)

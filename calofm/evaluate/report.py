@@ -27,7 +27,7 @@ from calofm.io import atomic_write_text
 
 METRICS = ("response", "observables", "fpd", "kpd", "fpd_cc", "kpd_cc", "auc_low", "auc_high", "prdc",
            "fixed_points")
-# CaloDiT-2 on CaloChallenge dataset 2 (paper, Table 1; DESIGN.md section 8): (EDM, CD). Its FPD and KPD are the
+# CaloDiT-2 on CaloChallenge dataset 2 (its paper, Table 1): (EDM, CD). Its FPD and KPD are the
 # CaloChallenge evaluation's, so they sit beside fpd_cc / kpd_cc, not beside calofm's own fpd / kpd.
 PAPER_DS2 = {"auc_low": (0.594, 0.598), "auc_high": (0.560, 0.695), "fpd_cc": (20.1e-3, 68.8e-3),
              "kpd_cc": (0.089e-3, 0.39e-3)}

@@ -237,14 +237,27 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return super().from_pretrained(shipped_model(name) or pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
-    def _from_pretrained(cls, **kwargs):
+    def _from_pretrained(cls, *, config: dict | None = None, **kwargs):
+        """Asking for `config` makes the mixin pass the whole config.json, so a key that `__init__` would silently
+        drop (a typo, a newer calofm's option) is an error naming the file."""
+        known = [name for name in cls._hub_mixin_init_parameters if name != "self"]
+        unknown = sorted(set(config or {}) - set(known))
+        if unknown:
+            raise ValueError(f"{kwargs['model_id']}/config.json: unknown key {unknown[0]!r}; CaloDiT takes "
+                             f"{', '.join(known)}")
         with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints on every local load
             return super()._from_pretrained(**kwargs)
 
     # Weights load from safetensors only, and strictly: a missing or unexpected key is an error.
     @classmethod
     def _load_as_safetensor(cls, model, model_file, map_location, strict):
-        return super()._load_as_safetensor(model, model_file, map_location, True)
+        from safetensors import SafetensorError
+
+        try:
+            return super()._load_as_safetensor(model, model_file, map_location, True)
+        except SafetensorError as e:
+            raise ValueError(f"{model_file}: not a readable safetensors file ({e}); a pickle renamed, or a "
+                             "truncated download?") from None
 
     @classmethod
     def _load_as_pickle(cls, model, model_file, map_location, strict):

@@ -1,4 +1,4 @@
-"""Adaptation of a pretrained model to a new detector (CaloDiT-2 section 3.3, DESIGN.md section 7).
+"""Adaptation of a pretrained model to a new detector (CaloDiT-2 section 3.3).
 
 The new detector gets a free one-hot slot; nothing else of the pretrained model's contract changes (the shared
 normaliser, the other detectors' slots). Stage 1 fine-tunes the pretrained (EMA) EDM on the new showers; stage 2
@@ -41,7 +41,7 @@ from calofm.train.loop import make_accelerator, save_model, train
 from calofm.train.pretrain import EDMObjective
 
 MODES = ("full", "lora", "conditioning")
-# Learning rate per mode when no recipe sets one: full fine-tuning at 1e-4 (DESIGN 7); the few parameters of
+# Learning rate per mode when no recipe sets one: full fine-tuning at 1e-4 (CaloDiT-2's); the few parameters of
 # LoRA and conditioning-only adaptation start from zero updates (LoRA B = 0) or a small subset and take 1e-3.
 MODE_LR = {"full": 1e-4, "lora": 1e-3, "conditioning": 1e-3}
 SLOT_LAYER = "cond_embed.0"  # the Linear that reads [E, theta, phi, one-hot]: trains in every mode

@@ -55,8 +55,8 @@ class CDObjective:
     def after_step(self, model: nn.Module, step: int) -> None:
         self.target.update(model, step)
 
-    def checkpoint_objects(self) -> list:
-        return [self.target]
+    def checkpoint_modules(self) -> list:
+        return [self.target.model]
 
 
 def student_from(teacher: CaloDiT, **config) -> CaloDiT:

@@ -9,9 +9,8 @@ stream is a pure function of its position, so a resumed run continues bit for bi
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -25,8 +24,10 @@ from torch.utils.data import DataLoader
 from calofm.config import RunConfig, save_config
 from calofm.data.loader import ShowerStream
 from calofm.data.transforms import Normalizer
-from calofm.io import atomic_dir
+from calofm.io import atomic_dir, atomic_write_text
 from calofm.progress import progress
+from calofm.train import checkpoint
+from calofm.train.checkpoint import checkpoints, clean_stale, resume_point
 from calofm.train.ema import EMA, power_decay
 from calofm.train.schedule import wsd
 
@@ -36,39 +37,44 @@ class Objective(Protocol):
 
     def after_step(self, model: nn.Module, step: int) -> None: ...
 
-    def checkpoint_objects(self) -> list: ...
+    def checkpoint_modules(self) -> list[nn.Module]:
+        """Modules besides the trained one whose weights a checkpoint must hold (e.g. a target network)."""
+        ...
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+class NonFiniteError(RuntimeError):
+    """Training stopped: too many steps with a non-finite loss or gradient."""
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    """On a machine with no GPU, Accelerate must be told cpu=True, or torchrun ranks each run alone (DESIGN 10)."""
+    """On a machine with no GPU, Accelerate must be told cpu=True, or torchrun ranks each run alone."""
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
                        gradient_accumulation_steps=cfg.train.grad_accum,
                        log_with=cfg.train.log_with or None, project_dir=cfg.output_dir)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = sorted((Path(output_dir) / "checkpoints").glob("step_*"))
-    return ckpts[-1] if ckpts else None
+    found = checkpoints(output_dir)
+    return found[0] if found else None
 
 
 def _noise_generator(device: torch.device, *key: int) -> torch.Generator:
     return torch.Generator(device).manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the metrics rows a killed run wrote after its last checkpoint: the resumed run writes them again."""
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
 def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[str, Path], normalizer: Normalizer,
           *, accelerator: Accelerator, resume: bool = False, use_ema: bool = True, desc: str = "train") -> nn.Module:
-    """Train `model` in place and return the weights to ship (the EMA when `use_ema`)."""
+    """Train `model` in place and return the weights to ship (the EMA when `use_ema`).
+
+    A step whose loss or gradient is not finite is skipped (no update, a warning); after
+    `train.max_nonfinite_steps` of them the run stops with `NonFiniteError`. No non-finite weights are saved."""
     t, out = cfg.train, Path(cfg.output_dir)
     existing = latest_checkpoint(out)
     if existing is not None and not resume:
@@ -76,7 +82,9 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
                          "or choose another output_dir")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
         save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
     set_seed(t.seed)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -85,58 +93,96 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd(s, t.steps, t.warmup_frac, t.decay_frac))
     ema = EMA(model, power_decay(t.ema_max, t.ema_power)) if use_ema else None
-    state = TrainState()
+    kept = ([ema.model] if ema else []) + objective.checkpoint_modules()
+    step, skipped = 0, 0
     net, opt = accelerator.prepare(model, opt)
-    accelerator.register_for_checkpointing(sched, state, *([ema] if ema else []), *objective.checkpoint_objects())
-    if resume and existing is not None:
-        accelerator.load_state(str(existing))
-        accelerator.print(f"resumed from {existing} at step {state.step}")
+    ckpt = resume_point(out, say=accelerator.print) if resume else None
+    if ckpt is not None:
+        state = checkpoint.load(accelerator, ckpt, kept)
+        if state["world_size"] != accelerator.num_processes:
+            msg = (f"{ckpt} was written by {state['world_size']} process(es), this run has "
+                   f"{accelerator.num_processes}: the data order changes, so the resumed run is no longer bit-exact")
+            if not t.allow_world_size_change:
+                raise ValueError(msg + "; set train.allow_world_size_change=true to continue anyway")
+            accelerator.print(f"warning: {msg}")
+        step, skipped = state["step"], state["skipped"]
+        sched.load_state_dict(state["scheduler"])
+        accelerator.print(f"resumed from {ckpt} at step {step}")
     if t.log_with:
         accelerator.init_trackers(out.name, config={"lr": t.lr, "batch_size": t.batch_size, "steps": t.steps})
 
     stream = ShowerStream(files, model.slot_map, model.n_slots, normalizer, t.batch_size, seed=t.seed,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
-                          start_batch=state.step * t.grad_accum, chunk_size=cfg.data.chunk_size,
+                          start_batch=step * t.grad_accum, chunk_size=cfg.data.chunk_size,
                           max_per_detector=cfg.data.max_per_detector)
     batches = iter(DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers))
-    log = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    bar = progress(accelerator.is_main_process, total=t.steps, initial=state.step, desc=desc, dynamic_ncols=True)
+    log = None
+    if accelerator.is_main_process:
+        _trim_log(out / "metrics.jsonl", step)
+        log = open(out / "metrics.jsonl", "a")
+    names = {slot: name for name, slot in model.slot_map.items()}
+    bar = progress(accelerator.is_main_process, total=t.steps, initial=step, desc=desc, dynamic_ncols=True)
     tic, seen = time.perf_counter(), 0
     net.train()
-    while state.step < t.steps:
+    while step < t.steps:
+        finite, detectors = True, set()
         for micro in range(t.grad_accum):
             batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-            g = _noise_generator(accelerator.device, t.seed, accelerator.process_index, state.step, micro)
+            detectors.update(names.get(int(s), f"slot {int(s)}") for s in batch["slot"].unique())
+            g = _noise_generator(accelerator.device, t.seed, accelerator.process_index, step, micro)
             with accelerator.accumulate(net):
                 with accelerator.autocast():
                     loss = objective.loss(net, batch, g)
+                finite &= bool(torch.isfinite(loss.detach()))
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and t.grad_clip > 0:
-                    accelerator.clip_grad_norm_(params, t.grad_clip)
-                opt.step()
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+                    # fp16: the grad scaler already skips steps with inf gradients while it calibrates
+                    finite &= t.mixed_precision == "fp16" or bool(torch.isfinite(norm))
+                    finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device),
+                                                     "min"))  # every process skips, or none
+                    if finite:
+                        opt.step()
                 opt.zero_grad(set_to_none=True)
             seen += batch["x"].shape[0] * accelerator.num_processes
         sched.step()
-        state.step += 1
+        step += 1
         unwrapped = accelerator.unwrap_model(net)
-        if ema is not None:
-            ema.update(unwrapped, state.step)
-        objective.after_step(unwrapped, state.step)
+        if finite:
+            if ema is not None:
+                ema.update(unwrapped, step)
+            objective.after_step(unwrapped, step)
+        else:
+            skipped += 1
+            last = next((c for c in checkpoints(out) if checkpoint.damage(c) is None), None)
+            where = (f"step {step}: non-finite loss or gradient (detectors in the batch: {', '.join(sorted(detectors))})")
+            if skipped > t.max_nonfinite_steps:
+                raise NonFiniteError(f"{where}; {skipped} such steps, more than train.max_nonfinite_steps="
+                                     f"{t.max_nonfinite_steps}. Last good checkpoint: {last or 'none'}. Lower "
+                                     "train.lr or set train.grad_clip, then run again with --resume")
+            accelerator.print(f"warning: {where}; step skipped ({skipped} of at most {t.max_nonfinite_steps})")
 
-        if state.step % t.log_every == 0 or state.step == t.steps:
+        if step % t.log_every == 0 or step == t.steps:
             rate = seen / (time.perf_counter() - tic)
-            row = {"step": state.step, "loss": accelerator.gather(loss.detach()).mean().item(),
-                   "lr": sched.get_last_lr()[0], "showers_per_s": rate, "processes": accelerator.num_processes}
+            row = {"step": step, "loss": accelerator.gather(loss.detach()).mean().item(),
+                   "lr": sched.get_last_lr()[0], "showers_per_s": rate, "processes": accelerator.num_processes,
+                   "skipped": skipped}
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", showers_s=f"{rate:.0f}")
             if log is not None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             if t.log_with:
-                accelerator.log(row, step=state.step)
+                accelerator.log(row, step=step)
             tic, seen = time.perf_counter(), 0
         bar.update(1)
-        if state.step % t.checkpoint_every == 0 or state.step == t.steps:
-            save_checkpoint(accelerator, out, state.step, t.keep_checkpoints)
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            bad = checkpoint.nonfinite([unwrapped, *kept])
+            if bad is not None:
+                raise NonFiniteError(f"step {step}: weight {bad} is not finite; not writing a checkpoint. Last good "
+                                     f"checkpoint: {latest_checkpoint(out) or 'none'}")
+            checkpoint.save(accelerator, out, {"step": step, "skipped": skipped,
+                                               "world_size": accelerator.num_processes,
+                                               "scheduler": sched.state_dict()}, kept, t.keep_checkpoints)
     bar.close()
     del batches  # closes the stream's files while the interpreter is still whole
     if log is not None:
@@ -147,23 +193,11 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
     return ema.model if ema is not None else accelerator.unwrap_model(net)
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
-    """All processes write into one temporary folder; the main process renames it into place, then prunes."""
-    root = out / "checkpoints"
-    tmp = root / f".tmp-step_{step:07d}"
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = root / f"step_{step:07d}"
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
 def save_model(model: nn.Module, path: str | Path) -> Path:
-    """A model folder (config.json + model.safetensors + card), written atomically."""
+    """A model folder (config.json + model.safetensors + card), written atomically; never non-finite weights."""
+    bad = checkpoint.nonfinite([model])
+    if bad is not None:
+        raise NonFiniteError(f"weight {bad} is not finite; not saving the model to {path}")
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
     return Path(path)

@@ -39,7 +39,7 @@ class EDMObjective:
     def after_step(self, model: nn.Module, step: int) -> None:
         pass
 
-    def checkpoint_objects(self) -> list:
+    def checkpoint_modules(self) -> list:
         return []
 
 
