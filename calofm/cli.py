@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import typer
 from typer.core import TyperGroup
@@ -27,16 +28,26 @@ class _Group(TyperGroup):
             raise typer.Exit(2) from None
 
 
-app = typer.Typer(cls=_Group, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(cls=_Group, add_completion=True, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Foundation models of calorimeter showers: pretrain, distill, adapt, generate, evaluate, "
                        "export.")
-data_app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+data_app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True,
                        help="Shower files: synthesise, inspect, convert, share.")
 app.add_typer(data_app, name="data")
 
 
+def _version(show: bool) -> None:
+    if show:
+        from calofm import __version__
+
+        typer.echo(f"calofm {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     if debug:
         _DEBUG["on"] = True
 
@@ -52,7 +63,9 @@ def data_synth(
     seed: int = typer.Option(0, "--seed", help="Run seed; each detector's stream derives from it and its name."),
     out: Path = typer.Option(..., "--out", help="Folder for <detector>.h5 (LEMURS format)."),
 ) -> None:
-    """Synthesise GFlash-parametrised stand-in showers (not Geant4), one LEMURS file per detector."""
+    """Synthesise GFlash-parametrised stand-in showers (not Geant4), one LEMURS file per detector.
+
+    Example: calofm data synth --all --n 5000 --seed 1 --out data/synthetic"""
     from calofm.data.synthetic import synthesize
     from calofm.geometry import DETECTORS
 
@@ -67,7 +80,9 @@ def data_inspect(
     file: Path = typer.Argument(..., help="LEMURS or CaloChallenge dataset-2 HDF5 file."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write profile and response PNGs into DIR."),
 ) -> None:
-    """Summarise a shower file (conditions, E_dep/E_inc, sparsity, profiles), streaming over chunks."""
+    """Summarise a shower file (conditions, E_dep/E_inc, sparsity, profiles), streaming over chunks.
+
+    Example: calofm data inspect data/synthetic/odd.h5 --plot plots/"""
     from calofm.data.inspect import format_summary, plot_summary, summarize
 
     summary = summarize(file)
@@ -80,9 +95,11 @@ def data_inspect(
 def data_convert(
     src: Path = typer.Argument(..., metavar="IN", help="Shower file, LEMURS or CaloChallenge (auto-detected)."),
     dst: Path = typer.Argument(..., metavar="OUT", help="File to write (atomically)."),
-    to: str = typer.Option(..., "--to", help="Output format: lemurs | calochallenge."),
+    to: Literal["lemurs", "calochallenge"] = typer.Option(..., "--to", help="Output format."),
 ) -> None:
-    """Convert between LEMURS and CaloChallenge dataset-2 HDF5, streaming, keeping the file attributes."""
+    """Convert between LEMURS and CaloChallenge dataset-2 HDF5, streaming, keeping the file attributes.
+
+    Example: calofm data convert data/synthetic/odd.h5 odd_ds2.h5 --to calochallenge"""
     from calofm.data.formats import convert, open_showers
 
     convert(src, dst, to)
@@ -97,7 +114,9 @@ def data_convert(
 def pretrain(recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/pretrain-tiny.yaml"),
              set_: list[str] | None = SetOpt,
              resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output_dir.")):
-    """Multi-detector EDM pretraining (1..N processes: run under torchrun or accelerate launch)."""
+    """Multi-detector EDM pretraining (1..N processes: run under torchrun or accelerate launch).
+
+    Example: calofm pretrain recipes/pretrain-tiny.yaml --set train.steps=2000 --set data.dir=data/synthetic"""
     from calofm.config import load_config
     from calofm.train.pretrain import pretrain as run
 
@@ -111,7 +130,9 @@ def distill(recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/d
                                                   help="EDM model folder or Hub repo id (overrides distill.teacher)."),
             set_: list[str] | None = SetOpt,
             resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in output_dir.")):
-    """Consistency distillation of an EDM model into a 1-step sampler (saves the target network)."""
+    """Consistency distillation of an EDM model into a 1-step sampler (saves the target network).
+
+    Example: calofm distill recipes/distill-tiny.yaml --teacher runs/pretrain-tiny/model"""
     from calofm.config import load_config
     from calofm.train.distill import distill as run
 
@@ -130,7 +151,8 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
                                                    help="Pretrained CD model, when --pretrained is an EDM model."),
           detector: str | None = typer.Option(None, "--detector", help="The new detector's name."),
           data: str | None = typer.Option(None, "--data", help="Its showers: file, folder or Hub dataset."),
-          mode: str | None = typer.Option(None, "--mode", help="full | lora | conditioning"),
+          mode: Literal["full", "lora", "conditioning"] | None = typer.Option(
+              None, "--mode", help="What to train: every weight, LoRA adapters, or the conditioning only."),
           n_train: int | None = typer.Option(None, "--n-train", min=1, help="Use the first N showers (default: all)."),
           out: Path | None = typer.Option(None, "--out", help="Output folder (overrides output_dir)."),
           set_: list[str] | None = SetOpt,
@@ -138,7 +160,9 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
     """Adapt a pretrained model to a new detector in a free slot: EDM fine-tuning, then CD distillation.
 
     Options override the recipe. Without a recipe, output_dir is runs/adapt-DETECTOR-MODE and the learning rate
-    the mode's default (full 1e-4, lora and conditioning 1e-3)."""
+    the mode's default (full 1e-4, lora and conditioning 1e-3).
+
+    Example: calofm adapt --pretrained calodit-tiny-standin --detector fccee_allegro --data allegro.h5 --mode lora"""
     from calofm.config import load_config
     from calofm.train.adapt import adapt as run
     from calofm.train.adapt import default_run
@@ -159,7 +183,9 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
 
 
 @app.command()
-def generate(model: str = typer.Option(..., "--model", help="Model folder or Hub repo id."),
+def generate(model: str | None = typer.Argument(None, metavar="MODEL",
+                                                 help="Model folder, shipped model name or Hub repo id."),
+             model_opt: str | None = typer.Option(None, "--model", help="The same as MODEL (the older spelling)."),
              detector: str = typer.Option(..., "--detector", help="Detector name (must be in the model's slot map)."),
              n: int = typer.Option(1000, "--n", min=1, help="Number of showers (ignored with --conditions)."),
              energy: float | None = typer.Option(None, "--energy", help="Fixed incident energy in GeV."),
@@ -168,14 +194,20 @@ def generate(model: str = typer.Option(..., "--model", help="Model folder or Hub
              conditions: Path | None = typer.Option(None, "--conditions",
                                                        help="Take (E, theta, phi) from this shower file."),
              steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the model's)."),
-             batch_size: int = typer.Option(256, "--batch-size", min=1),
-             seed: int = typer.Option(0, "--seed"),
-             fmt: str = typer.Option("lemurs", "--format", help="lemurs | calochallenge"),
+             batch_size: int = typer.Option(256, "--batch-size", min=1, help="Showers per forward pass."),
+             seed: int = typer.Option(0, "--seed", help="Shower i's noise depends only on (seed, i)."),
+             fmt: Literal["lemurs", "calochallenge"] = typer.Option("lemurs", "--format", help="Output file format."),
              out: Path = typer.Option(..., "--out", help="Output HDF5 file.")):
     """Generate showers for one detector. Unset conditions are drawn uniformly over the detector's ranges.
 
-    Under torchrun the showers are split over the processes and gathered into one file."""
+    Under torchrun the showers are split over the processes and gathered into one file.
+
+    Example: calofm generate calodit-tiny-standin-cd --detector odd --energy 50 --n 100 --out odd.h5"""
     from calofm.generate import generate_to_file
+
+    if (model is None) == (model_opt is None):
+        raise ValueError("give the model once: calofm generate MODEL ... (or --model MODEL)")
+    model = model or model_opt
 
     path = generate_to_file(model, detector, out, n=n, energy_gev=energy, theta=theta, phi=phi,
                             conditions=conditions, steps=steps, batch_size=batch_size, seed=seed, fmt=fmt)
@@ -185,10 +217,14 @@ def generate(model: str = typer.Option(..., "--model", help="Model folder or Hub
 
 @app.command()
 def info(model: str = typer.Argument(..., help="A model folder, Hub repo id, or preset name (paper|small|tiny).")):
-    """Parameters, FLOPs per forward, slot map and normaliser of a model or preset."""
+    """Parameters, FLOPs per forward, slot map and normaliser of a model or preset.
+
+    Example: calofm info calodit-tiny-standin"""
+    from calofm.hub import load_model
+    from calofm.models.dit import PRESETS, CaloDiT
     from calofm.models.summary import describe
 
-    typer.echo(describe(model))
+    typer.echo(describe(CaloDiT.from_preset(model) if model in PRESETS else load_model(model), model))
 
 
 @app.command()
@@ -197,7 +233,9 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for da
          pretrain: bool = typer.Option(False, "--pretrain", help="Pretrain and distil from scratch instead of "
                                        "adapting the shipped foundation model.")):
     """What a user does, on embedded synthetic data: adapt the shipped foundation model to a new detector,
-    distil, evaluate; a report with plots."""
+    distil, evaluate; a report with plots.
+
+    Example: calofm demo --out demo_out"""
     from calofm.demo import run_demo
 
     report = run_demo(out, quick=quick, pretrain=pretrain)
@@ -217,9 +255,11 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
                  None, "--point", help="Fixed point 'E_GeV,theta[,phi]' to compare at (repeatable; default: the "
                  "shared conditions of fixed-point files, else 10 and 50 GeV at normal incidence and 50 GeV at 1.2 rad)."),
              max_showers: int | None = typer.Option(None, "--max-showers", min=1, help="Use only the first N showers of each file."),
-             seed: int = typer.Option(0, "--seed")):
+             seed: int = typer.Option(0, "--seed", help="Seed of the metrics' random parts (bootstrap, classifier).")):
     """Compare generated showers with reference showers: observables, FPD, KPD (calofm's and the CaloChallenge's
-    definitions), classifier AUCs, PRDC."""
+    definitions), classifier AUCs, PRDC.
+
+    Example: calofm evaluate --reference test/odd.h5 --generated gen/odd.h5 --out eval/odd"""
     import warnings
 
     from calofm.evaluate.report import evaluate as run
@@ -259,17 +299,19 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
 @app.command("export")
 def export_cmd(model: str = typer.Argument(..., metavar="DIR",
                                            help="Model folder (config.json + model.safetensors) or Hub repo id."),
-               fmt: str = typer.Option(..., "--format", help="onnx | torchscript"),
-               device: str = typer.Option("cpu", "--device", help="cpu | cuda: where the graph will run (ONNX: the "
+               fmt: Literal["onnx", "torchscript"] = typer.Option(..., "--format", help="Graph format."),
+               device: Literal["cpu", "cuda"] = typer.Option("cpu", "--device", help="Where the graph will run (ONNX: the "
                                           "execution providers recorded); the graph itself runs on either."),
                batch: int | None = typer.Option(None, "--batch", min=1, help="Fixed batch size (default 1: the Par04 contract)."),
                dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="A free batch axis instead."),
                steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps unrolled into the graph "
-                                                "(default: CD 1, EDM the model's)."),
+                                                "(default: the model's saved sampler.steps; CD 1, EDM 32)."),
                new_detector: str | None = typer.Option(None, "--new-detector", help="Adapted detector for the "
                                                        "contract's 'new' slot, when the model has several."),
                out: Path = typer.Option(..., "--out", help="File to write; its contract JSON goes to OUT.json.")):
-    """Export one graph with Geant4's Par04 contract: (B, 8) [E GeV, phi, theta, one-hot(5)] -> (B, 6480) GeV."""
+    """Export one graph with Geant4's Par04 contract: (B, 8) [E GeV, phi, theta, one-hot(5)] -> (B, 6480) GeV.
+
+    Example: calofm export calodit-tiny-standin-cd --format onnx --out calodit.onnx"""
     import warnings
 
     from calofm.export import export, sidecar_path
@@ -297,7 +339,9 @@ def push(model_dir: Path = typer.Argument(..., metavar="DIR", help="Saved model 
          metrics: Path | None = typer.Option(None, "--metrics",
                                                 help="metrics.json to show in the card (default: DIR/metrics.json)."),
          keep_card: bool = typer.Option(False, "--keep-card", help="Upload DIR/README.md as is, not re-rendered.")):
-    """Upload a model folder to the Hugging Face Hub with its model card (token: HF_TOKEN or `hf auth login`)."""
+    """Upload a model folder to the Hugging Face Hub with its model card (token: HF_TOKEN or `hf auth login`).
+
+    Example: calofm push runs/pretrain-tiny/model --repo-id me/calodit-tiny --metrics eval/metrics.json"""
     from calofm.hub import push_model
 
     url = push_model(model_dir, repo_id, private=private or None, revision=revision, metrics=metrics,
@@ -311,7 +355,9 @@ def data_push(data_dir: Path = typer.Argument(..., metavar="DIR", help="Folder o
               private: bool = typer.Option(False, "--private", help="Create the repo private."),
               revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
               license: str = typer.Option("cc-by-4.0", "--license", help="License id for the dataset card.")):
-    """Share a folder of shower files as a Hub dataset with a dataset card; train on it with data.dir=OWNER/NAME."""
+    """Share a folder of shower files as a Hub dataset with a dataset card; train on it with data.dir=OWNER/NAME.
+
+    Example: calofm data push data/synthetic --repo-id me/calo-showers"""
     from calofm.hub import push_dataset
 
     url = push_dataset(data_dir, repo_id, private=private or None, revision=revision, license=license)

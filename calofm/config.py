@@ -61,7 +61,8 @@ class TrainConfig:
     ema_power: float = 0.75
     grad_clip: float = 1.0
     grad_accum: int = 1
-    mixed_precision: str = "no"        # no | fp16 | bf16 (Accelerate)
+    mixed_precision: str | None = None  # no | fp16 | bf16; None: Accelerate's choice (`accelerate config`,
+                                        # `accelerate launch --mixed_precision`), else "no"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -84,7 +85,7 @@ class TrainConfig:
             _between(self, "train", f"betas[{i}]", 0.0, 1.0, value=b, high_open=True)
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas: expected two numbers, got {self.betas!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ConfigError(f"train.mixed_precision must be one of no, fp16, bf16, got {self.mixed_precision!r}")
 
 
@@ -210,12 +211,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+RECIPES = Path(__file__).parent / "recipes"  # the recipes installed with calofm
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe file: the path if it exists, else the installed recipe of that name (`pretrain-tiny`,
+    `recipes/pretrain-tiny.yaml`), so the commands in the README work from any directory."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    installed = RECIPES / (path.name if path.suffix else f"{path.name}.yaml")
+    if installed.is_file():
+        return installed
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise ConfigError(f"recipe {str(path)!r} not found (installed recipes: {names})")
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     data: dict = {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} not found")
+        path = recipe_path(recipe)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

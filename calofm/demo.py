@@ -107,7 +107,7 @@ def stage_pretrain(ctx: DemoContext) -> None:
 
     model_dir = ctx.path("pretrain", "model")
     if not model_dir.exists():
-        cfg = load_config("recipes/pretrain-tiny.yaml" if Path("recipes/pretrain-tiny.yaml").exists() else None,
+        cfg = load_config("pretrain-tiny",
                           [f"data.dir={ctx.path('data', 'train')}", f"output_dir={ctx.path('pretrain')}",
                            f"train.steps={ctx.steps(1500)}"])
         pretrain(cfg, resume=True)
@@ -174,7 +174,7 @@ def stage_distill(ctx: DemoContext) -> None:
 
     model_dir = ctx.path("distill", "model")
     if not model_dir.exists():
-        cfg = load_config("recipes/distill-tiny.yaml" if Path("recipes/distill-tiny.yaml").exists() else None,
+        cfg = load_config("distill-tiny",
                           [f"data.dir={ctx.path('data', 'train')}", f"output_dir={ctx.path('distill')}",
                            f"train.steps={ctx.steps(1000)}"])
         cfg.distill.teacher = str(ctx.path("pretrain", "model"))
@@ -240,8 +240,7 @@ def stage_adapt(ctx: DemoContext) -> None:
     out = ctx.path("adapt")
     edm_ref, cd_ref = ctx.base
     if not (out / "cd").exists():
-        recipe = Path("recipes/adapt-full.yaml")
-        cfg = load_config(recipe if recipe.exists() else None, [
+        cfg = load_config("adapt-full", [
             f"output_dir={out}", f"adapt.pretrained={edm_ref}", f"adapt.pretrained_cd={cd_ref}",
             f"adapt.detector={NEW_DETECTOR}", f"adapt.data={ctx.path('data', 'train', NEW_DETECTOR + '.h5')}",
             "adapt.mode=full", "adapt.n_train=null", f"train.steps={ctx.steps(300)}",

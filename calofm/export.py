@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from calofm.data.transforms import Normalizer, kinematics
-from calofm.diffusion import DEPOSIT_STEPS, sample
+from calofm.diffusion import DEPOSIT_STEPS, sample, sampler_steps
 from calofm.geometry import DR_MM, DZ_MM, E_MIN_MEV, EMAX_GLOBAL_MEV, N_CELLS, PHI_RANGE, SHAPE, THETA_RANGE
 from calofm.io import atomic_path, atomic_write_text
 
@@ -105,11 +105,6 @@ class Par04Generator(nn.Module):
         gev = n.inverse(z, unit) / 1000.0
         unsupported = (inputs[:, 3:] @ self.supported < 0.5).view(-1, 1, 1, 1)
         return torch.where((gev < OUTPUT_THRESHOLD_GEV) | unsupported, torch.zeros_like(gev), gev).flatten(1)
-
-
-def default_steps(model: nn.Module) -> int:
-    """CD: one step (the point of distillation); EDM: the model's own Heun steps."""
-    return 1 if model.objective == "cd" else int(model.sampler.get("steps") or 32)
 
 
 def model_config(model: nn.Module) -> dict:
@@ -260,7 +255,7 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device
     if getattr(model, "normalizer", None) is None:
         raise ValueError(f"{source or 'model'}: no normaliser in the model config (config.json key 'normalizer'); "
                          "only models trained by calofm can be exported")
-    steps = steps or default_steps(model)
+    steps = sampler_steps(model, steps)
     if model.objective == "edm":
         warnings.warn(f"exporting an EDM model: {2 * steps - 1} network evaluations per shower ({steps} Heun steps) "
                       "make the graph slow; distil it to a consistency model (calofm distill) for Geant4",

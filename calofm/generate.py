@@ -9,7 +9,7 @@ import torch
 
 from calofm.data.formats import Showers
 from calofm.data.transforms import Normalizer, encode_conditions
-from calofm.diffusion import sample
+from calofm.diffusion import sample, sampler_steps
 from calofm.geometry import SHAPE
 
 
@@ -19,10 +19,24 @@ def detector_slot(model, detector: str) -> int:
     return model.slot_map[detector]
 
 
+def shower_noise(seed: int, index: np.ndarray, steps: int, multistep: bool, device) -> tuple[torch.Tensor, ...]:
+    """All the Gaussian noise of showers `index`, each drawn from its own generator keyed by (seed, index): the
+    starting noise (B, 9, 16, 45), the deposit's (B, 1) and a multistep CD sampler's re-noising (steps - 1, B, ...).
+    So a shower is the same whatever the batch it is generated in, or the process."""
+    parts = []
+    for i in index:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
+        parts.append((torch.randn(SHAPE, generator=g), torch.randn(1, generator=g),
+                      torch.randn((steps - 1, *SHAPE) if multistep else (0, *SHAPE), generator=g)))
+    noise, deposit, renoise = (torch.stack(p).to(device) for p in zip(*parts))
+    return noise, deposit, renoise.transpose(0, 1) if multistep else None
+
+
 @torch.no_grad()
 def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | None = None, batch_size: int = 256,
-                     seed: int = 0, progress: Callable[[int], None] | None = None) -> Showers:
-    """One shower per (energy MeV, theta, phi); the model's own sampler (EDM Heun or CD) and step default."""
+                     seed: int = 0, first_index: int = 0, progress: Callable[[int], None] | None = None) -> Showers:
+    """One shower per (energy MeV, theta, phi); the model's own sampler (EDM Heun or CD) and step default.
+    Shower i's noise depends only on (seed, first_index + i)."""
     if model.normalizer is None:
         raise ValueError("model has no normaliser in its config; it was not trained by calofm")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
@@ -33,13 +47,15 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     slot = detector_slot(model, detector)
     device = next(model.parameters()).device
     model.eval()
+    steps = sampler_steps(model, steps)
     out = []
     for start in range(0, len(energy), batch_size):
         sl = slice(start, start + batch_size)
         cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots).to(device)
-        g = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
-        noise = torch.randn((cond.shape[0], *SHAPE), generator=g, device=device)
-        z, deposit = sample(model, noise, cond, steps=steps, generator=g)
+        index = first_index + np.arange(start, start + cond.shape[0])
+        noise, deposit_noise, renoise = shower_noise(seed, index, steps, model.objective == "cd" and steps > 1,
+                                                     device)
+        z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise, renoise=renoise)
         unit = normalizer.generated_unit(torch.from_numpy(energy[sl]).to(device), detector, deposit)
         out.append(normalizer.inverse(z.float(), unit).cpu().numpy())
         if progress is not None:
@@ -77,7 +93,7 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
     with state.split_between_processes(index) as mine:
         bar = progress(state.is_main_process, total=len(mine), desc=f"generate {detector}", unit="shower")
         part = generate_showers(model, detector, e[mine], t[mine], p[mine], steps=steps, batch_size=batch_size,
-                                seed=seed + int(mine[0]) if len(mine) else seed, progress=bar.update)
+                                seed=seed, first_index=int(mine[0]) if len(mine) else 0, progress=bar.update)
         bar.close()
     if state.num_processes > 1:
         from accelerate.utils import gather_object
@@ -89,6 +105,6 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
         return None
     showers = Showers.concat(parts)
     attrs = {"detector": detector, "generated_by": f"calofm {model.objective} ({model_ref})",
-             "sampler_steps": int(steps or model.sampler.get("steps", 0))}
+             "sampler_steps": sampler_steps(model, steps)}
     write_showers(out, showers, fmt=fmt, attrs=attrs)
     return out

@@ -21,6 +21,7 @@ from huggingface_hub import (
     CommitOperationAdd,
     DatasetCard,
     DatasetCardData,
+    EvalResult,
     HfApi,
     ModelCard,
     ModelCardData,
@@ -87,19 +88,43 @@ def read_metrics(metrics: dict | str | Path | None) -> dict | None:
     return data
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _figure(value) -> str | None:
+    """A number, {value, error} (`calofm evaluate`) or [value, error] (`calofm.evaluate.fidelity.card_metrics`)
+    as text; None for anything else."""
+    if _is_number(value):
+        return _num(value)
+    if isinstance(value, dict) and _is_number(value.get("value")) and _is_number(value.get("error")):
+        return f"{_num(value['value'])} ± {_num(value['error'])}"
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value)):
+        return f"{_num(value[0])} ± {_num(value[1])}"
+    return None
+
+
 def metric_rows(metrics: dict, prefix: str = "") -> list[tuple[str, str]]:
-    """Flatten nested metrics into (name, value) rows: numbers, value/error pairs and strings; the rest is skipped."""
+    """(name, figure) rows of evaluation figures. A `calofm evaluate` metrics.json names its metrics in `metrics`:
+    only those are read (not its settings, conditions or timings); per-bin lists and notes are left to its
+    report. Nested figures (per detector, PRDC) become "outer / inner" rows."""
+    names = metrics["metrics"] if isinstance(metrics.get("metrics"), list) else list(metrics)
     rows = []
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows += metric_rows(value, f"{name} / ")
-        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            rows.append((name, _num(value)))
-        elif (isinstance(value, (list, tuple)) and len(value) == 2
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-            rows.append((name, f"{_num(value[0])} ± {_num(value[1])}"))
+    for key in names:
+        value, name = metrics.get(key), f"{prefix}{key}"
+        figure = _figure(value)
+        if figure is not None:
+            rows.append((name, figure))
+        elif isinstance(value, dict):
+            rows += metric_rows({k: v for k, v in value.items() if k != "metrics"}, f"{name} / ")
     return rows
+
+
+def eval_results(rows: list[tuple[str, str]], dataset: str) -> list[EvalResult]:
+    """The model-index entries of the Hub's front matter: one per figure."""
+    return [EvalResult(task_type="other", task_name="calorimeter shower generation", dataset_type=dataset,
+                       dataset_name=dataset, metric_type=name.replace(" / ", "/"), metric_name=name,
+                       metric_value=figure) for name, figure in rows]
 
 
 def model_card(model: CaloDiT, *, metrics: dict | str | Path | None = None, repo_id: str | None = None,
@@ -123,6 +148,11 @@ def model_card(model: CaloDiT, *, metrics: dict | str | Path | None = None, repo
                              *(["adaptation"] if adapted else [])})
     card_data.datasets = datasets
     card_data.metrics = sorted({name.split(" / ")[0] for name, _ in rows}) or None
+    card_data.pipeline_tag = "other"  # no Hub task fits shower generation
+    if rows:
+        card_data.model_name = repo_id or "CaloDiT"
+        card_data.eval_results = eval_results(rows, str(
+            (metrics or {}).get("detector") or provenance.get("detector") or "held-out showers"))
     base_on_hub = adapted and is_repo_id(base_model) and not Path(base_model).exists()
     if base_on_hub:
         card_data.base_model = base_model

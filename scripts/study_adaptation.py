@@ -13,6 +13,7 @@ invocations (the table holds all cached runs), and two processes can share the w
 
     python scripts/study_adaptation.py --arms adapted --modes full --n-train 1000 --steps 300 1000
     python scripts/study_adaptation.py --arms scratch --n-train 5000 --steps 300 1000
+    python scripts/study_adaptation.py --arms adapted --modes full --n-train 1000 --steps 1000 --lr-adapt 1e-3
     python scripts/study_adaptation.py --quick            # a smoke run of the whole pipeline
 """
 
@@ -52,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-train", type=int, nargs="+", default=[1000], help="training showers")
     p.add_argument("--steps", type=int, nargs="+", default=[300, 1000], help="training steps")
     p.add_argument("--lr-scratch", type=float, default=1e-3, help="the pretrain-tiny recipe's rate")
+    p.add_argument("--lr-adapt", type=float, help="adaptation rate (default: recipes/adapt-MODE.yaml's)")
     p.add_argument("--n-test", type=int, default=2000, help="held-out showers (and generated ones)")
     p.add_argument("--sample-steps", type=int, default=12, help="EDM Heun steps when generating")
     p.add_argument("--threads", type=int, default=1,
@@ -85,24 +87,27 @@ def timed(fn, *a, **kw) -> tuple[Path, float]:
 
 def trainable(args, mode: str) -> int:
     """Trainable parameters of the pretrained model in `mode`, as `calofm adapt` sets them."""
-    cfg = load_config(ROOT / "recipes" / f"adapt-{mode}.yaml").adapt
+    cfg = load_config(f"adapt-{mode}").adapt
     net = select_trainable(load_model(args.pretrained), mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                            lora_targets=cfg.lora_targets)
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def run_adapted(args, data, mode: str, n: int, steps: int) -> tuple[Path, float]:
-    out = args.work / f"adapted-{mode}-n{n}-s{steps}"
-    cfg = load_config(ROOT / "recipes" / f"adapt-{mode}.yaml",
-                      [f"output_dir={out}", f"adapt.pretrained={args.pretrained}", "adapt.pretrained_cd=",
+def adapt_lr(args, mode: str) -> float:
+    return args.lr_adapt or load_config(f"adapt-{mode}").train.lr
+
+
+def run_adapted(args, data, mode: str, n: int, steps: int, key: str) -> tuple[Path, float]:
+    cfg = load_config(f"adapt-{mode}",
+                      [f"output_dir={args.work / key}", f"adapt.pretrained={args.pretrained}", "adapt.pretrained_cd=",
                        f"adapt.data={data['train']}", f"adapt.n_train={n}", "adapt.cd_steps=0",
-                       f"train.steps={steps}", f"train.checkpoint_every={steps}"])
+                       f"train.steps={steps}", f"train.lr={adapt_lr(args, mode)}", f"train.checkpoint_every={steps}"])
     folder, seconds = timed(adapt, cfg, resume=True)
     return folder / "edm", seconds
 
 
 def run_scratch(args, data, n: int, steps: int) -> tuple[Path, float]:
-    cfg = load_config(ROOT / "recipes" / "pretrain-tiny.yaml",
+    cfg = load_config("pretrain-tiny",
                       [f"output_dir={args.work / f'scratch-n{n}-s{steps}'}", f"data.dir={data['train'].parent}",
                        f"data.detectors=[{NEW_DETECTOR}]", f"data.max_per_detector={n}", f"train.steps={steps}",
                        f"train.lr={args.lr_scratch}", f"train.checkpoint_every={steps}"])
@@ -119,14 +124,14 @@ def score(args, model_dir: Path, test, folder: Path) -> dict:
 
 def fmt(row: dict) -> str:
     init = row["init"] if row["init"] == "scratch" else f"adapted ({row['mode']})"
-    return (f"| {init} | {row['trainable']:,} | {row['n_train']:,} | {row['steps']:,} | {row['train_s']:.0f} | "
+    return (f"| {init} | {row['trainable']:,} | {row['n_train']:,} | {row['steps']:,} | {row['lr']:g} | {row['train_s']:.0f} | "
             f"{row['fpd']['value'] * 1e3:.3g} ± {row['fpd']['error'] * 1e3:.2g} | {row['auc_high']:.3f} | "
             f"{row['mean_ratio']:.3f} ± {row['mean_ratio_error']:.3f} | "
             f"{row['spread_ratio']:.2f} ± {row['spread_ratio_error']:.2f} |")
 
 
 def write_outputs(args, rows: list[dict], meta: dict) -> None:
-    rows = sorted(rows, key=lambda r: (r["init"], r.get("mode", ""), r["n_train"], r["steps"]))
+    rows = sorted(rows, key=lambda r: (r["init"], r.get("mode", ""), r["lr"], r["n_train"], r["steps"]))
     with atomic_path(args.out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
     floor = meta["floor"]
@@ -145,9 +150,9 @@ def write_outputs(args, rows: list[dict], meta: dict) -> None:
         f"Machine: {meta['machine']}, {meta['threads']} torch thread(s) per run; {meta['compute_s'] / 60:.0f} min "
         "of training and generation in all (other jobs shared the cores, so times are indicative).",
         "",
-        "| init | trainable params | training showers | steps | train time [s] | FPD x1e3 | AUC high-level | "
+        "| init | trainable params | training showers | steps | lr | train time [s] | FPD x1e3 | AUC high-level | "
         "worst mean ratio | worst spread ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *map(fmt, rows),
         "",
         f"![FPD vs steps]({args.out.with_suffix('.png').name})",
@@ -162,14 +167,15 @@ def write_outputs(args, rows: list[dict], meta: dict) -> None:
 
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    groups = sorted({(r["init"], r.get("mode", ""), r["n_train"]) for r in rows})
-    for (init, mode, n), marker in zip(groups, "osD^v<>ph*", strict=False):
-        rs = sorted((r for r in rows if (r["init"], r.get("mode", ""), r["n_train"]) == (init, mode, n)),
-                    key=lambda r: r["steps"])
+    def group(r):
+        return r["init"], r.get("mode", ""), r["n_train"], r["lr"]
+
+    for (init, mode, n, lr), marker in zip(sorted({group(r) for r in rows}), "osD^v<>ph*", strict=False):
+        rs = sorted((r for r in rows if group(r) == (init, mode, n, lr)), key=lambda r: r["steps"])
         ax.errorbar([r["steps"] for r in rs], [r["fpd"]["value"] * 1e3 for r in rs],
                     [r["fpd"]["error"] * 1e3 for r in rs], marker=marker, capsize=3,
                     ls="-" if init == "adapted" else "--",
-                    label=f"{init}{f' ({mode})' if mode else ''}, {n:,} showers")
+                    label=f"{init}{f' ({mode})' if mode else ''}, {n:,} showers, lr {lr:g}")
     ax.axhline(floor["fpd"]["value"] * 1e3, color="grey", lw=0.8, ls=":", label="data vs data")
     ax.set(xlabel="training steps", ylabel="FPD x1e3 vs held-out fccee_allegro", yscale="log",
            title="Adapted from the shipped model vs from scratch", xticks=sorted({r["steps"] for r in rows}))
@@ -198,20 +204,25 @@ def main() -> None:
     runs += [("adapted", m, n, s) for m in args.modes for n in args.n_train for s in args.steps
              if "adapted" in args.arms]
     for init, mode, n, steps in [] if args.table_only else runs:
-        key = f"{init}-{mode}-n{n}-s{steps}" if mode else f"{init}-n{n}-s{steps}"
+        lr = adapt_lr(args, mode) if init == "adapted" else args.lr_scratch
+        default = init == "scratch" or args.lr_adapt is None
+        key = (f"{init}-{mode}-n{n}-s{steps}" if mode else f"{init}-n{n}-s{steps}") + ("" if default else f"-lr{lr:g}")
         if (cache / f"{key}.json").exists():
             continue
-        model_dir, train_s = (run_adapted(args, data, mode, n, steps) if init == "adapted"
+        model_dir, train_s = (run_adapted(args, data, mode, n, steps, key) if init == "adapted"
                               else run_scratch(args, data, n, steps))
         params = trainable(args, mode) if init == "adapted" else sum(p.numel() for p in
                                                                       load_model(model_dir).parameters())
-        row = {"init": init, "mode": mode, "trainable": params, "n_train": n, "steps": steps, "train_s": train_s,
+        row = {"init": init, "mode": mode, "trainable": params, "n_train": n, "steps": steps, "lr": lr,
+               "train_s": train_s,
                **score(args, model_dir, test, args.work / "eval" / key)}
         atomic_write_text(cache / f"{key}.json", json.dumps(row))
         print(f"{key}: train {train_s:.0f} s, FPD x1e3 = {row['fpd']['value'] * 1e3:.3g} ± "
               f"{row['fpd']['error'] * 1e3:.2g}, AUC {row['auc_high']:.3f}", flush=True)
 
     rows = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json")) if p.stem != "floor"]
+    for r in rows:  # runs cached before the rate was recorded ran at the recipe's
+        r.setdefault("lr", args.lr_scratch if r["init"] == "scratch" else load_config(f"adapt-{r['mode']}").train.lr)
     meta = {"floor": json.loads((cache / "floor.json").read_text()), "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
             "compute_s": sum(r["train_s"] + r["generate_s"] for r in rows)}

@@ -12,12 +12,13 @@ from calofm.config import load_config
 from calofm.data.formats import open_showers
 from calofm.data.loader import detector_response, find_detector_files, fit_normalizer
 from calofm.data.transforms import N_COND, Normalizer, encode_conditions
+from calofm.diffusion.edm import EDMParams
 from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
 from calofm.train.adapt import adapt, allocate_slot, resolve_pretrained, select_trainable
 from calofm.train.distill import cd_sampler
 from calofm.train.loop import save_model
-from calofm.train.pretrain import EDM_SAMPLER
+from calofm.train.pretrain import edm_sampler
 
 PRETRAINED = {"par04_siw": 0, "par04_scipb": 1, "odd": 2}  # 3 detectors + n_free_slots = 2
 FAST = ["train.steps=3", "train.batch_size=8", "train.checkpoint_every=100", "train.log_every=1",
@@ -30,12 +31,12 @@ def pretrained(tmp_path_factory, data_dir):
     normalizer = fit_normalizer(find_detector_files(data_dir, list(PRETRAINED)))
     torch.manual_seed(0)
     edm = CaloDiT.from_preset("tiny", depth=1, width=48, heads=2, mlp_dim=96, n_slots=5, slot_map=PRETRAINED,
-                              normalizer=normalizer.to_dict(), objective="edm", sampler=EDM_SAMPLER,
+                              normalizer=normalizer.to_dict(), objective="edm", sampler=edm_sampler(EDMParams()),
                               provenance={"stage": "pretrain"})
     with torch.no_grad():
         for p in edm.parameters():  # adaLN-Zero starts at the identity: give every layer a gradient path
             p.add_(0.05 * torch.randn_like(p))
-    cd = edm.with_config(objective="cd", sampler=cd_sampler(1), provenance={"stage": "distill"})
+    cd = edm.with_config(objective="cd", sampler=cd_sampler(1, EDMParams()), provenance={"stage": "distill"})
     with torch.no_grad():
         for p in cd.parameters():
             p.add_(0.01 * torch.randn_like(p))

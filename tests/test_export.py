@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from calofm.cli import app
 from calofm.data.formats import Showers, read_showers, write_lemurs
 from calofm.data.transforms import Normalizer, encode_conditions
-from calofm.diffusion import DEPOSIT_STEPS, sample
+from calofm.diffusion import DEPOSIT_STEPS, sample, sampler_params
 from calofm.export import (
     CONTRACT_KEY,
     CONTRACT_SLOTS,
@@ -29,6 +29,7 @@ from calofm.export import (
 )
 from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
+from calofm.train.distill import cd_sampler
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # TorchScript is the contract
 
@@ -60,7 +61,8 @@ def edm(tiny_edm):
 def cd_dir(edm, tmp_path_factory):
     """A consistency-objective copy of the EDM weights with an adapted detector in slot 4 (the contract's 'new')."""
     d = tmp_path_factory.mktemp("cd") / "model"
-    model_copy(edm, objective="cd", slot_map=ADAPTED_MAP, normalizer=CUT_TEST_NORMALIZER).save_pretrained(d)
+    model_copy(edm, objective="cd", slot_map=ADAPTED_MAP, normalizer=CUT_TEST_NORMALIZER,
+               sampler=cd_sampler(1, sampler_params(edm))).save_pretrained(d)
     return d
 
 
@@ -263,14 +265,15 @@ def test_cli_export(cd_dir, tiny_edm, tmp_path):
 
 
 def test_cli_export_bad_input(edm, cd_dir, tmp_path):
-    def fails(*args: str) -> str:
+    def fails(*args: str, usage: bool = False) -> str:
         result = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path / "x.onnx")])
-        assert result.exit_code == 2 and result.output.startswith("error: ") and "Traceback" not in result.output
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert usage or result.output.startswith("error: ")  # a usage error is click's, boxed by rich
         return result.output
 
-    assert "unknown export format 'savedmodel'" in fails(str(cd_dir), "--format", "savedmodel")
+    assert "Invalid value for '--format'" in fails(str(cd_dir), "--format", "savedmodel", usage=True)
     assert "no such model folder" in fails(str(tmp_path / "nowhere"), "--format", "onnx")
-    assert "unknown device 'tpu'" in fails(str(cd_dir), "--format", "onnx", "--device", "tpu")
+    assert "Invalid value for '--device'" in fails(str(cd_dir), "--format", "onnx", "--device", "tpu", usage=True)
     assert "exclude each other" in fails(str(cd_dir), "--format", "onnx", "--batch", "2", "--dynamic-batch")
     adapter = tmp_path / "adapters" / "cd"
     adapter.mkdir(parents=True)

@@ -317,7 +317,7 @@ def test_cli_convert(lemurs, tmp_path):
         assert f.format == "calochallenge" and f.attrs == ATTRS
         assert_equal(f.read(), s)
     result = CliRunner().invoke(app, ["data", "convert", str(path), str(out), "--to", "root"])
-    assert result.exit_code == 2 and "unknown shower format 'root'" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--to'" in result.output and "'calochallenge'" in result.output
 
 
 def test_cli_inspect_plot(hand_built, tmp_path):

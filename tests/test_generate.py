@@ -1,18 +1,23 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from calofm.cli import app
 from calofm.data.formats import open_showers, read_showers
+from calofm.diffusion import sampler_params
 from calofm.generate import generate_showers
 from calofm.hub import load_model
+from calofm.train.distill import cd_sampler, student_from
 
 runner = CliRunner()
 
 
 def test_generate_cli_fixed_point_lemurs(tiny_edm, tmp_path):
     out = tmp_path / "g.h5"
-    r = runner.invoke(app, ["generate", "--model", str(tiny_edm), "--detector", "odd", "--n", "5", "--energy", "20",
+    r = runner.invoke(app, ["generate", str(tiny_edm), "--detector", "odd", "--n", "5", "--energy", "20",
                             "--theta", "1.5", "--phi", "0.3", "--steps", "4", "--batch-size", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output
     s = read_showers(out)
@@ -35,14 +40,38 @@ def test_generate_cli_takes_conditions_and_writes_calochallenge(tiny_edm, data_d
         np.testing.assert_array_equal(f.read().energy, ref.energy)
 
 
-def test_batching_and_seed_do_not_change_showers(tiny_edm):
+def test_showers_do_not_depend_on_batching_or_process_split(tiny_edm):
     model = load_model(tiny_edm)
-    e, t, p = np.full(4, 5e4), np.full(4, 1.2), np.full(4, 2.0)
-    a = generate_showers(model, "odd", e, t, p, steps=3, batch_size=4, seed=1)
-    b = generate_showers(model, "odd", e, t, p, steps=3, batch_size=4, seed=1)
-    c = generate_showers(model, "odd", e, t, p, steps=3, batch_size=4, seed=2)
-    np.testing.assert_array_equal(a.showers, b.showers)
-    assert not np.array_equal(a.showers, c.showers)
+    cd = student_from(model, sampler=cd_sampler(2, sampler_params(model)))  # multistep CD re-noises: per shower too
+    rng = np.random.default_rng(0)
+    e, t, p = rng.uniform(1e4, 1e5, 5), rng.uniform(1.0, 2.0, 5), rng.uniform(0.0, 6.0, 5)
+    for m in (model, cd):
+        a = generate_showers(m, "odd", e, t, p, steps=3 if m is model else 2, batch_size=5, seed=1)
+        b = generate_showers(m, "odd", e, t, p, steps=3 if m is model else 2, batch_size=2, seed=1)
+        tail = generate_showers(m, "odd", e[3:], t[3:], p[3:], steps=3 if m is model else 2, batch_size=1, seed=1,
+                                first_index=3)  # what the second of two processes generates
+        c = generate_showers(m, "odd", e, t, p, steps=3 if m is model else 2, batch_size=5, seed=2)
+        np.testing.assert_allclose(a.showers, b.showers, rtol=1e-3, atol=1e-3)  # float rounding of batch-shaped GEMMs
+        np.testing.assert_allclose(a.showers[3:], tail.showers, rtol=1e-3, atol=1e-3)  # float rounding of batch-shaped GEMMs
+        assert np.abs(a.showers - c.showers).max() > 1.0  # MeV: another seed, other showers
+
+
+def test_the_saved_sampler_config_is_what_runs(tiny_edm, tmp_path):
+    config = json.loads((tiny_edm / "config.json").read_text())
+    assert {k: config["sampler"][k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho", "steps")} == {
+        "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "steps": 32}
+    e, t, p = np.full(3, 5e4), np.full(3, 1.2), np.full(3, 2.0)
+
+    def showers(sampler: dict) -> np.ndarray:
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_edm, folder)
+        (folder / "config.json").write_text(json.dumps({**config, "sampler": sampler}))
+        return generate_showers(load_model(folder), "odd", e, t, p, steps=3, seed=1).showers
+
+    saved = showers(config["sampler"])
+    assert np.abs(showers({**config["sampler"], "sigma_max": 20.0}) - saved).max() > 1.0
+    old = {k: v for k, v in config["sampler"].items() if k not in ("sigma_data", "sigma_min", "sigma_max", "rho")}
+    np.testing.assert_array_equal(showers(old), saved)  # a folder saved before these keys: EDM's defaults
 
 
 @pytest.mark.parametrize("args,message", [
@@ -66,3 +95,13 @@ def test_help_exits_zero():
     for cmd in (["--help"], ["generate", "--help"], ["data", "synth", "--help"]):
         r = runner.invoke(app, cmd)
         assert r.exit_code == 0 and "Usage" in r.output and "error" not in r.output
+
+
+def test_version_and_the_model_given_once(tiny_edm, tmp_path):
+    import calofm
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"calofm {calofm.__version__}"
+    r = runner.invoke(app, ["generate", str(tiny_edm), "--model", str(tiny_edm), "--detector", "odd", "--out",
+                            str(tmp_path / "x.h5")])
+    assert r.exit_code == 2 and "give the model once" in r.output

@@ -119,6 +119,34 @@ def test_cli_push_renders_card_with_metrics_on_a_branch(hub, tmp_path):
     assert_same_model(model, load_model("owner/cli-model", revision="dev"), tmp_path)
 
 
+def test_cli_push_card_from_a_real_evaluate_metrics_json(hub, data_dir, tmp_path):
+    """`calofm evaluate`'s metrics.json, as `calofm push --metrics` takes it: only its metrics reach the card,
+    each as value ± error, and the front matter is Hub model-index metadata."""
+    from calofm.data.formats import read_showers
+    from calofm.evaluate.report import evaluate
+
+    showers = read_showers(data_dir / "odd.h5")
+    result = evaluate(showers[:100], showers[100:], tmp_path / "eval", metrics=["response", "fpd", "kpd", "auc_high",
+                                                                                "prdc"], detector="odd")
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    r = calofm_cli("push", str(model_dir), "--repo-id", "owner/evaluated", "--metrics",
+                   str(tmp_path / "eval" / "metrics.json"))
+    assert r.returncode == 0, r.stderr
+    repo = hub.repos[("model", "owner/evaluated")]
+    card = ModelCard(repo.commits[repo.refs["main"]]["README.md"].decode())
+    assert card.data.metrics == ["auc_high", "fpd", "kpd", "prdc"] and card.data.pipeline_tag == "other"
+    figures = {e.metric_type: e.metric_value for e in card.data.eval_results}
+    assert set(figures) == {"fpd", "kpd", "auc_high", "prdc/precision", "prdc/recall", "prdc/density",
+                            "prdc/coverage"}
+    fpd = result["fpd"]
+    assert figures["fpd"] == f"{fpd['value']:.4g} ± {fpd['error']:.4g}"
+    assert all(e.dataset_name == "odd" for e in card.data.eval_results)
+    for absent in ("settings", "timing_s", "conditions", "definition", "reference", "response"):
+        assert absent not in str(card.data.to_dict()), absent
+    assert f"| fpd | {fpd['value']:.4g} ± {fpd['error']:.4g} |" in card.text
+
+
 def test_cli_push_without_token_is_a_clear_error(hub, tmp_path):
     model_dir = tmp_path / "model"
     tiny_model().save_pretrained(model_dir)
@@ -162,13 +190,18 @@ def test_cards_render_real_values_and_parse_as_hub_metadata(tmp_path):
     assert "base_model" not in data and data["metrics"] == ["fpd"]
 
 
-def test_save_pretrained_writes_the_calofm_card(tmp_path):
-    """CaloDiT.generate_model_card hands over to calofm.hub.model_card, so the mixin's save/push write our card."""
+def test_saved_models_carry_the_calofm_card(tmp_path):
+    """calofm's saving path writes calofm's card over the mixin's generic one (the model class itself imports
+    nothing of calofm.hub, so a bare `save_pretrained` writes the mixin's)."""
+    from calofm.train.loop import save_model
+
     model = tiny_model(base_model="owner/base", detector="fccee_allegro", mode="full", steps=100)
-    model.save_pretrained(tmp_path / "m", model_card_kwargs={"metrics": {"fpd": 0.25}, "repo_id": "owner/m"})
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps({"fpd": 0.25}))
+    save_model(model, tmp_path / "m")
     card = ModelCard.load(tmp_path / "m" / "README.md")
-    assert card.data.base_model == "owner/base" and card.data.metrics == ["fpd"]
-    assert "## Detector slots" in card.text and "| fpd | 0.25 |" in card.text
+    assert card.data.base_model == "owner/base"
+    assert "## Detector slots" in card.text and "fccee_allegro" in card.text
 
 
 def test_data_push_resolves_by_repo_id_to_identical_files(hub, data_dir, tmp_path, monkeypatch):

@@ -58,3 +58,19 @@ def test_from_pretrained_is_strict(tmp_path):
     save_file(weights, tmp_path / "m" / "model.safetensors")
     with pytest.raises(RuntimeError, match="final.linear.bias"):
         CaloDiT.from_pretrained(tmp_path / "m")
+
+
+def test_models_and_diffusion_import_nothing_of_files_hub_cli_or_accelerate():
+    """Imports flow one way: the model and the math know nothing of calofm.hub (and its jinja2 cards), the CLI,
+    the training loop, Accelerate or HDF5."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, calofm.models, calofm.models.dit, calofm.models.summary, calofm.diffusion; "
+             "print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+                 .stdout.split())
+    assert "calofm.models.dit" in loaded
+    for name in ("calofm.hub", "jinja2", "calofm.cli", "typer", "calofm.train.loop", "accelerate", "h5py",
+                 "calofm.data.formats"):
+        assert name not in loaded, name

@@ -132,3 +132,22 @@ def test_pretrain_under_torchrun(data_dir, tmp_path):
               "train.allow_world_size_change=true")
     log = one.communicate()[0]
     assert one.returncode == 0 and "warning: " in log and "no longer bit-exact" in log, log
+
+
+def test_accelerate_launch_mixed_precision_is_honoured(data_dir, tmp_path):
+    """The recipe leaves mixed_precision unset, so `accelerate launch --mixed_precision bf16` decides; the saved
+    config and the metrics log record what ran."""
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                        "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+                        "-m", "calofm.cli", *pretrain_args(data_dir, tmp_path / "bf16", steps=2, every=2)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["train"]["mixed_precision"] == "bf16"
+    rows = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["mixed_precision"] for row in rows] == ["bf16", "bf16"]
+    # without launch and without a recipe value: full precision
+    plain = cli(*pretrain_args(data_dir, tmp_path / "fp32", steps=1, every=1))
+    assert plain.wait() == 0
+    assert json.loads((tmp_path / "fp32" / "metrics.jsonl").read_text())["mixed_precision"] == "no"

@@ -19,6 +19,18 @@ from calofm.diffusion.edm import Denoiser, EDMParams, heun_sample, per_sample, p
 # The encoded deposit is standardised (unit variance over the training showers), so sigma_data = 1.
 DEPOSIT_PARAMS = EDMParams(sigma_data=1.0)
 DEPOSIT_STEPS = 32
+DEFAULT_STEPS = {"edm": 32, "cd": 1}  # Heun steps of EDM; one step is the point of consistency distillation
+
+
+def sampler_steps(model: torch.nn.Module, steps: int | None = None) -> int:
+    """The one rule for the number of sampler steps: `steps` if given, else the model's saved `sampler.steps`,
+    else its objective's default."""
+    return int(steps or (model.sampler or {}).get("steps") or DEFAULT_STEPS[model.objective])
+
+
+def sampler_params(model: torch.nn.Module) -> EDMParams:
+    """The noise levels and sigma_data a model samples with: its saved `sampler` config (`EDMParams.from_sampler`)."""
+    return EDMParams.from_sampler(model.sampler)
 
 
 def denoiser(model: torch.nn.Module, params: EDMParams = EDMParams(), objective: str | None = None) -> Denoiser:
@@ -49,21 +61,23 @@ def shape_conditions(cond: torch.Tensor, deposit: torch.Tensor | None) -> torch.
 @torch.no_grad()
 def sample(model: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, steps: int | None = None,
            generator: torch.Generator | None = None, progress: Callable | None = None,
-           deposit_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Normalised showers from unit Gaussian `noise` with the model's own sampler and defaults, and the encoded
-    deposit (B, 1) they were drawn with (None for a model without `deposit_net`). `deposit_noise` (B, 1) starts
-    the deposit's sampler (default: drawn from `generator`)."""
-    params = EDMParams()
+           deposit_noise: torch.Tensor | None = None, renoise: torch.Tensor | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised showers from unit Gaussian `noise` with the model's own sampler and its saved parameters, and the
+    encoded deposit (B, 1) they were drawn with (None for a model without `deposit_net`). `deposit_noise` (B, 1)
+    starts the deposit's sampler (default: drawn from `generator`); `renoise` (steps - 1, B, ...) the re-noising
+    of a multistep consistency sampler (default: drawn from `generator`)."""
+    params = sampler_params(model)
     deposit = None
     if model.deposit_net is not None:
         if deposit_noise is None:
             deposit_noise = torch.randn((noise.shape[0], 1), generator=generator, device=noise.device)
         deposit = heun_sample(deposit_denoiser(model), deposit_noise, cond, DEPOSIT_PARAMS, DEPOSIT_STEPS)
     cond = shape_conditions(cond, deposit)
-    steps = steps or model.sampler.get("steps") or (32 if model.objective == "edm" else 1)
+    steps = sampler_steps(model, steps)
     D = denoiser(model, params)
     if model.objective == "edm":
         return heun_sample(D, noise, cond, params, steps, progress), deposit
     from calofm.diffusion.consistency import multistep_sample
 
-    return multistep_sample(D, noise, cond, params, steps, generator, progress), deposit
+    return multistep_sample(D, noise, cond, params, steps, generator, progress, renoise), deposit

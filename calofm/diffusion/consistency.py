@@ -72,18 +72,19 @@ def one_step_sample(f: Denoiser, noise: torch.Tensor, cond: torch.Tensor, p: EDM
 
 @torch.no_grad()
 def multistep_sample(f: Denoiser, noise: torch.Tensor, cond: torch.Tensor, p: EDMParams, steps: int = 1,
-                     generator: torch.Generator | None = None, progress: Callable | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, progress: Callable | None = None,
+                     renoise: torch.Tensor | None = None) -> torch.Tensor:
     """Song et al. algorithm 1: one step from T, then k - 1 times re-noise to tau_n and denoise with f.
 
     x_{tau_n} = x + sqrt(tau_n^2 - epsilon^2) z; the levels tau_n are `multistep_sigmas(steps)`. steps = 1 is the
-    one-step sampler.
+    one-step sampler. z is `renoise[n - 1]` when given (steps - 1, *noise.shape), else drawn from `generator`.
     """
     taus = multistep_sigmas(steps, p)
     x = one_step_sample(f, noise, cond, p)
     if progress is not None:
         progress()
-    for tau in taus[1:]:
-        z = torch.randn(x.shape, generator=generator, device=x.device)
+    for n, tau in enumerate(taus[1:]):
+        z = renoise[n].to(x) if renoise is not None else torch.randn(x.shape, generator=generator, device=x.device)
         x_tau = x + (tau**2 - p.sigma_min**2) ** 0.5 * z
         x = f(x_tau, x.new_full((x.shape[0],), tau), cond)
         if progress is not None:

@@ -14,6 +14,9 @@ import torch
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+SAMPLER_KEYS = ("sigma_data", "sigma_min", "sigma_max", "rho")  # what a saved model's `sampler` config holds
+
+
 @dataclass(frozen=True)
 class EDMParams:
     sigma_data: float = 0.5
@@ -22,6 +25,14 @@ class EDMParams:
     P_mean: float = -1.2
     P_std: float = 1.2
     rho: float = 7.0
+
+    @classmethod
+    def from_sampler(cls, sampler: dict | None) -> EDMParams:
+        """The parameters a model's saved `sampler` config names; a key it lacks (older models) keeps EDM's value."""
+        return cls(**{k: float(sampler[k]) for k in SAMPLER_KEYS if sampler and k in sampler})
+
+    def sampler_config(self) -> dict:
+        return {k: getattr(self, k) for k in SAMPLER_KEYS}
 
 
 def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

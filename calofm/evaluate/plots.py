@@ -1,6 +1,7 @@
 """Evaluation figures: histograms and profiles with a generated/reference ratio panel, mean shower images.
 
-matplotlib runs headless (Agg); every figure is written atomically as a PNG and closed. Histograms are
+Figures are `matplotlib.figure.Figure` objects, not pyplot's: no global state and no backend to choose (the
+caller's matplotlib setup is left alone); each is written atomically as a PNG. Histograms are
 normalised to unit area, so they compare shapes; the ratio panel shows generated / reference per bin with the
 Poisson error of both counts.
 """
@@ -9,15 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm, Normalize  # noqa: E402
-
-from calofm.geometry import DPHI, DR_MM, DZ_MM, N_PHI, N_R, N_Z  # noqa: E402
-from calofm.io import atomic_path  # noqa: E402
+from calofm.geometry import DPHI, DR_MM, DZ_MM, N_PHI, N_R, N_Z
+from calofm.io import atomic_path
 
 COLORS = {"reference": "0.45", "generated": "tab:red"}
 RATIO_RANGE = (0.5, 1.5)
@@ -28,13 +26,12 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
 def _ratio_axes(title: str):
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True,
-                                      gridspec_kw={"height_ratios": (3, 1), "hspace": 0.06})
+    fig = Figure(figsize=(6.4, 5.6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1), "hspace": 0.06})
     top.set_title(title, fontsize=11)
     bottom.axhline(1.0, color="0.3", lw=0.8, ls="--")
     bottom.set_ylim(*RATIO_RANGE)
@@ -121,7 +118,7 @@ def _log_norm(images) -> LogNorm:
 def mean_images(path: str | Path, reference: np.ndarray, generated: np.ndarray, title: str) -> Path:
     """Mean shower (r, phi, z) of both samples: side view (z, r) summed over phi and front view (phi, r) summed
     over z, each with the generated / reference ratio."""
-    fig = plt.figure(figsize=(14, 8.5))
+    fig = Figure(figsize=(14, 8.5))
     fig.suptitle(title, fontsize=12)
     z_edges, r_edges = np.arange(N_Z + 1) * DZ_MM, np.arange(N_R + 1) * DR_MM
     phi_edges = np.arange(N_PHI + 1) * DPHI

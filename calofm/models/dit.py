@@ -222,12 +222,6 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return [n for n, _ in self.named_parameters()
                 if n.startswith(("t_embed", "cond_embed", "deposit_net")) or ".adaLN." in n]
 
-    def generate_model_card(self, *args, **kwargs):
-        """Our card template, so save_pretrained / push_to_hub write it."""
-        from calofm.hub import model_card
-
-        return model_card(self, **kwargs)
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """The mixin's loader, with a shipped model's name (`calofm/pretrained`) read from its packaged folder."""

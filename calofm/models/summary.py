@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from calofm.data.transforms import N_COND
 from calofm.geometry import SHAPE
-from calofm.models.dit import PRESETS, CaloDiT
+from calofm.models.dit import CaloDiT
 
 
 def forward_flops(model: CaloDiT) -> int:
@@ -18,13 +18,8 @@ def forward_flops(model: CaloDiT) -> int:
     return counter.get_total_flops()
 
 
-def describe(ref: str) -> str:
-    if ref in PRESETS:
-        model = CaloDiT.from_preset(ref)
-    else:
-        from calofm.hub import load_model
-
-        model = load_model(ref)
+def describe(model: CaloDiT, ref: str) -> str:
+    """`model` (loaded from `ref`: a folder, repo id or preset name) in numbers."""
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
         f"model       {ref}",

@@ -31,6 +31,7 @@ from calofm.config import RunConfig
 from calofm.data.formats import open_showers
 from calofm.data.loader import detector_response, find_detector_files
 from calofm.data.transforms import Normalizer
+from calofm.diffusion import sampler_params
 from calofm.geometry import get_detector
 from calofm.hub import load_model
 from calofm.io import atomic_dir
@@ -184,7 +185,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         torch.manual_seed(cfg.train.seed)
         net = select_trainable(base.with_config(slot_map=slot_map, normalizer=normalizer.to_dict(), provenance={
             **provenance, "stage": "adapt-edm", "steps": stage.train.steps}), a.mode, **lora)
-        trained = train(stage, net, EDMObjective(), files, normalizer, accelerator=accelerator, resume=resume,
+        trained = train(stage, net, EDMObjective(sampler_params(base)), files, normalizer, accelerator=accelerator, resume=resume,
                         desc=f"adapt EDM ({a.mode})")
         edm = finish(trained, edm_dir, out / "adapters" / "edm", accelerator.is_main_process)
         accelerator.wait_for_everyone()
@@ -204,12 +205,13 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
                 student.deposit_net.load_state_dict(edm.deposit_net.state_dict())
         else:
             accelerator.print("no pretrained CD model: stage 2 starts the student from the adapted EDM")
-            student = student_from(edm, sampler=cd_sampler(cfg.distill.sample_steps), provenance=cd_provenance)
+            student = student_from(edm, sampler=cd_sampler(cfg.distill.sample_steps, sampler_params(edm)),
+                                   provenance=cd_provenance)
         torch.manual_seed(cfg.train.seed)
         net = select_trainable(student, a.mode, **lora)
         edm.to(accelerator.device)
         net.to(accelerator.device)
-        objective = CDObjective(edm, net, cfg.distill.n_boundaries, cfg.distill.mu)
+        objective = CDObjective(edm, net, cfg.distill.n_boundaries, cfg.distill.mu, sampler_params(edm))
         train(stage, net, objective, files, normalizer, accelerator=accelerator, resume=resume, use_ema=False,
               desc=f"adapt CD ({a.mode})")
         finish(objective.target.model, cd_dir, out / "adapters" / "cd", accelerator.is_main_process)

@@ -16,7 +16,7 @@ from torch import nn
 from calofm.config import RunConfig
 from calofm.data.loader import find_detector_files
 from calofm.data.transforms import Normalizer
-from calofm.diffusion import denoiser, shape_conditions
+from calofm.diffusion import denoiser, sampler_params, shape_conditions
 from calofm.diffusion.consistency import cd_loss
 from calofm.diffusion.edm import EDMParams
 from calofm.hub import load_model
@@ -25,9 +25,10 @@ from calofm.train.ema import EMA, constant_decay
 from calofm.train.loop import latest_checkpoint, make_accelerator, save_model, train
 
 
-def cd_sampler(steps: int) -> dict:
-    """Sampler defaults saved with a consistency model (levels: `consistency.multistep_sigmas`)."""
-    return {"name": "consistency", "steps": steps, "rho": EDMParams().rho}
+def cd_sampler(steps: int, params: EDMParams) -> dict:
+    """The sampler config saved with a consistency model: its steps (levels: `consistency.multistep_sigmas`) and
+    the teacher's parameters, which its boundary condition and preconditioning share."""
+    return {"name": "consistency", "steps": steps, **params.sampler_config()}
 
 
 class CDObjective:
@@ -81,13 +82,14 @@ def distill(cfg: RunConfig, resume: bool = False) -> Path:
         raise ValueError(f"{d.teacher}: the teacher has no normaliser in its config; it was not trained by calofm")
     detectors = list(cfg.data.detectors) or sorted(teacher.slot_map, key=teacher.slot_map.get)
     files = find_detector_files(cfg.data.dir, detectors)
-    student = student_from(teacher, sampler=cd_sampler(d.sample_steps), provenance={
+    params = sampler_params(teacher)
+    student = student_from(teacher, sampler=cd_sampler(d.sample_steps, params), provenance={
         "stage": "distill", "teacher": str(d.teacher), "teacher_provenance": teacher.provenance,
         "detectors": detectors, "steps": cfg.train.steps, "n_boundaries": d.n_boundaries, "mu": d.mu,
         "weights": "target network (EMA of the student)", "data": str(cfg.data.dir)})
     teacher.to(accelerator.device)
     student.to(accelerator.device)
-    objective = CDObjective(teacher, student, d.n_boundaries, d.mu)
+    objective = CDObjective(teacher, student, d.n_boundaries, d.mu, params)
     if resume and latest_checkpoint(cfg.output_dir) is None:
         accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
     train(cfg, student, objective, files, Normalizer.from_dict(teacher.normalizer), accelerator=accelerator,

@@ -8,6 +8,7 @@ stream is a pure function of its position, so a resumed run continues bit for bi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -75,6 +76,8 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
 
     A step whose loss or gradient is not finite is skipped (no update, a warning); after
     `train.max_nonfinite_steps` of them the run stops with `NonFiniteError`. No non-finite weights are saved."""
+    # the precision Accelerate resolved (the recipe's, else its own config's) is what the saved config records
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=accelerator.mixed_precision))
     t, out = cfg.train, Path(cfg.output_dir)
     existing = latest_checkpoint(out)
     if existing is not None and not resume:
@@ -138,7 +141,7 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
                     # fp16: the grad scaler already skips steps with inf gradients while it calibrates
-                    finite &= t.mixed_precision == "fp16" or bool(torch.isfinite(norm))
+                    finite &= accelerator.mixed_precision == "fp16" or bool(torch.isfinite(norm))
                     finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device),
                                                      "min"))  # every process skips, or none
                     if finite:
@@ -166,7 +169,7 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
             rate = seen / (time.perf_counter() - tic)
             row = {"step": step, "loss": accelerator.gather(loss.detach()).mean().item(),
                    "lr": sched.get_last_lr()[0], "showers_per_s": rate, "processes": accelerator.num_processes,
-                   "skipped": skipped}
+                   "skipped": skipped, "mixed_precision": accelerator.mixed_precision}
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", showers_s=f"{rate:.0f}")
             if log is not None:
                 log.write(json.dumps(row) + "\n")
@@ -198,6 +201,9 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     bad = checkpoint.nonfinite([model])
     if bad is not None:
         raise NonFiniteError(f"weight {bad} is not finite; not saving the model to {path}")
+    from calofm.hub import write_model_card
+
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
+        write_model_card(tmp, model=model)  # calofm's card over the mixin's generic one
     return Path(path)

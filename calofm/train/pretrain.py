@@ -11,13 +11,16 @@ from torch import nn
 from calofm.config import ModelConfig, RunConfig
 from calofm.data.loader import find_detector_files, fit_normalizer
 from calofm.data.sources import canonical_source
-from calofm.diffusion import DEPOSIT_PARAMS, denoiser, deposit_denoiser, shape_conditions
+from calofm.diffusion import DEFAULT_STEPS, DEPOSIT_PARAMS, denoiser, deposit_denoiser, shape_conditions
 from calofm.diffusion.edm import EDMParams, edm_loss
 from calofm.geometry import default_slot_map
 from calofm.models.dit import CaloDiT
 from calofm.train.loop import latest_checkpoint, make_accelerator, save_model, train
 
-EDM_SAMPLER = {"name": "heun", "steps": 32, "rho": 7.0}
+
+def edm_sampler(params: EDMParams) -> dict:
+    """The sampler config saved with an EDM model: Heun, its default steps and the parameters it was trained with."""
+    return {"name": "heun", "steps": DEFAULT_STEPS["edm"], **params.sampler_config()}
 
 
 class EDMObjective:
@@ -57,7 +60,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     slot_map = default_slot_map(cfg.data.detectors)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, n_slots=len(slot_map) + cfg.model.n_free_slots, slot_map=slot_map,
-                        normalizer=normalizer.to_dict(), objective="edm", sampler=EDM_SAMPLER,
+                        normalizer=normalizer.to_dict(), objective="edm", sampler=edm_sampler(EDMParams()),
                         provenance={"stage": "pretrain", "detectors": list(slot_map), "steps": cfg.train.steps,
                                     "data": canonical_source(cfg.data.dir)})
     if resume and latest_checkpoint(cfg.output_dir) is None:
