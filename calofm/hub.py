@@ -2,7 +2,7 @@
 
 A saved model is a folder (config.json + model.safetensors + README.md); CaloDiT's PyTorchModelHubMixin writes
 the first two and asks `model_card` for the third. Cards are Jinja templates shipped inside the package
-(calofm/model_cards/*.md.j2, package data), so they are found from a wheel install too. Pretrained and adapted
+(calofm/templates/*.md.j2, package data; `calofm.templates`), so they are found from a wheel install too. Pretrained and adapted
 models use distinct templates; an adapted model is one whose provenance names a `base_model`.
 """
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx2
-import jinja2
 from huggingface_hub import (
     CommitOperationAdd,
     DatasetCard,
@@ -32,6 +31,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Repo
 
 from calofm.data.sources import hub_dataset, is_repo_id
 from calofm.io import atomic_write_text
+from calofm.templates import num, render
 
 if TYPE_CHECKING:
     from calofm.models.dit import CaloDiT
@@ -50,23 +50,6 @@ ADAPT_MODES = {"full": "fine-tuning all weights",
 # The Hub's size_categories buckets, by upper bound.
 SIZE_CATEGORIES = ((1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"),
                    (1e7, "1M<n<10M"), (1e8, "10M<n<100M"), (1e9, "100M<n<1B"), (math.inf, "n>1B"))
-
-
-def _num(value) -> str:
-    """Numbers as a card shows them: 12,345 and 4 significant digits; anything else as text."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
-
-
-_templates = jinja2.Environment(loader=jinja2.PackageLoader("calofm", "model_cards"), undefined=jinja2.StrictUndefined,
-                                trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-_templates.filters["num"] = _num
-
-
-def render(template: str, **context) -> str:
-    """Render a card template; a missing value is an error, never a blank."""
-    return _templates.get_template(template).render(**context)
 
 
 # ------------------------------------------------------------------------------------------------ model cards
@@ -96,11 +79,11 @@ def _figure(value) -> str | None:
     """A number, {value, error} (`calofm evaluate`) or [value, error] (`calofm.evaluate.fidelity.card_metrics`)
     as text; None for anything else."""
     if _is_number(value):
-        return _num(value)
+        return num(value)
     if isinstance(value, dict) and _is_number(value.get("value")) and _is_number(value.get("error")):
-        return f"{_num(value['value'])} ± {_num(value['error'])}"
+        return f"{num(value['value'])} ± {num(value['error'])}"
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value)):
-        return f"{_num(value[0])} ± {_num(value[1])}"
+        return f"{num(value[0])} ± {num(value[1])}"
     return None
 
 

@@ -24,6 +24,7 @@ from calofm.evaluate import plots as P
 from calofm.evaluate.response import response_table
 from calofm.geometry import DETECTORS, DPHI, DR_MM, DZ_MM, N_PHI, N_R, N_Z
 from calofm.io import atomic_write_text
+from calofm.templates import render
 
 METRICS = ("response", "observables", "fpd", "kpd", "fpd_cc", "kpd_cc", "auc_low", "auc_high", "prdc",
            "fixed_points")
@@ -312,126 +313,13 @@ def _json_safe(obj):
 # ------------------------------------------------------------------------------------------------- report.md
 
 
-def _fmt(v: float, digits: int = 4) -> str:
-    """`digits` significant digits without an exponent (2669, 0.0012), as read in a table next to the paper's."""
-    return np.format_float_positional(v, precision=digits, unique=False, fractional=False, trim="-")
-
-
-def response_lines(rows: list[dict]) -> list[str]:
-    """The energy response and resolution table of report.md (calofm.evaluate.response)."""
-    lines = ["## Energy response and resolution", "",
-             "R = E_dep / E_inc in log-spaced bins of E_inc: its mean and relative spread sigma(R) / mean(R), and "
-             "the ratios generated / reference with their statistical errors.", "",
-             "| E_inc [GeV] | N ref | N gen | mean R ref | mean R gen | mean ratio | sigma/mean ref | sigma/mean gen | "
-             "spread ratio |", "|" + "---|" * 9]
-    for r in rows:
-        a, b = r["reference"], r["generated"]
-        lines.append(f"| {r['e_low_mev'] / 1e3:.3g} – {r['e_high_mev'] / 1e3:.3g} | {a['n']} | {b['n']} | "
-                     f"{a['mean']:.4g} | {b['mean']:.4g} | {r['mean_ratio']:.3f} ± {r['mean_ratio_error']:.3f} | "
-                     f"{a['rel_spread']:.3g} | {b['rel_spread']:.3g} | "
-                     f"{r['spread_ratio']:.2f} ± {r['spread_ratio_error']:.2f} |")
-    return lines + [""]
-
-
 def render_report(result: dict) -> str:
-    """report.md from the metrics dict: files compared, warnings, metrics with errors, plots."""
-    lines = ["# Shower evaluation", ""]
-    lines += ["| sample | file | showers | format | detector | synthetic |", "|---|---|---|---|---|---|"]
-    for role in ("reference", "generated"):
-        d = result[role]
-        lines.append(f"| {role} | `{d['source']}` | {d['n']:,} | {d['format'] or '–'} | {d['detector'] or '–'} | "
-                     f"{'yes' if d['synthetic'] else 'no'} |")
-    gens = {result[r]["generator"] for r in ("reference", "generated") if result[r]["generator"]}
-    lines += [""] + [f"Generator: {g}" for g in sorted(gens)] + ([""] if gens else [])
-    if result["warnings"]:
-        lines += ["## Warnings", ""] + [f"- {w}" for w in result["warnings"]] + [""]
-    else:
-        lines += ["Conditions (E, theta, phi) of the two samples match in range and distribution.", ""]
-
-    s = 1e3
-    header = ["| metric | value | error | CaloDiT-2 EDM (DS2) | CaloDiT-2 CD (DS2) |", "|---|---|---|---|---|"]
-
-    def distance_row(key: str, paper: bool) -> str:
-        cols = (f"{PAPER_DS2[key][0] * s:.3g} | {PAPER_DS2[key][1] * s:.3g}" if paper
-                else "not comparable | not comparable")
-        label = DEFINITIONS[key]  # "FPD (...)" -> "FPD x 10^3 (...)"
-        return (f"| {label[:3]} x 10^3{label[3:]} | "
-                f"{_fmt(result[key]['value'] * s)} | {_fmt(result[key]['error'] * s, 2)} | {cols} |")
-
-    settings = result["settings"]
-    lines += ["## Metrics", ""]
-    if "fpd_cc" in result or "kpd_cc" in result:
-        lines += ["### FPD and KPD, CaloChallenge definition (the CaloDiT-2 paper's)", "",
-                  f"The CaloChallenge evaluation's own FPD and KPD: its {CC_FEATURES} high-level features of dataset "
-                  "2 (log10 E_inc; per layer log10 of the energy, centres and widths of energy in eta and phi, "
-                  "sparsity, centre and width in r; log10 E_tot), each divided by its maximum |value| in the "
-                  "reference, scored as jetnet 0.2.5's `fpd(min_samples=10000)` and `kpd(batch_size=10000)` do "
-                  "(batches of 10,000-50,000 drawn with replacement, seed "
-                  f"{settings.get('calochallenge_seed', M.CC_SEED)}). Only these two rows compare with the paper's "
-                  "FPD and KPD. By construction two finite samples of one distribution score above zero (two "
-                  "sets of 2,000 synthetic showers of one detector give FPD x 10^3 ~340-400 and KPD x 10^3 "
-                  "~0.1-0.2): compare with data vs data. The "
-                  "errors are jetnet's (FPD: the extrapolation fit's; KPD: half the 16-84% spread of its batches) "
-                  "and miss the fluctuation of the samples themselves, which at 2,000 showers is ~10x larger.",
-                  ""] + header
-        lines += [distance_row(key, True) for key in ("fpd_cc", "kpd_cc") if key in result] + [""]
-    rows = []
-    if "auc_low" in result:
-        rows.append(f"| classifier AUC, low-level (voxels) | {result['auc_low']:.4f} | – | "
-                    f"{PAPER_DS2['auc_low'][0]} | {PAPER_DS2['auc_low'][1]} |")
-    if "auc_high" in result:
-        rows.append(f"| classifier AUC, high-level features | {result['auc_high']:.4f} | – | "
-                    f"{PAPER_DS2['auc_high'][0]} | {PAPER_DS2['auc_high'][1]} |")
-    rows += [distance_row(key, False) for key in ("fpd", "kpd") if key in result]
-    rows += [f"| {key} (PRDC, k=5) | {v:.4f} | – | – | – |" for key, v in result.get("prdc", {}).items()]
-    if rows:
-        lines += [f"### calofm definitions ({settings['high_level_features']} calofm high-level features)", ""]
-        lines += header + rows
-        lines += ["", "AUC: 0.5 = indistinguishable, 1 = fully separable (an MLP, 60/20/20 split, isotonic "
-                  f"calibration). calofm's FPD/KPD/AUC-high/PRDC use {settings['high_level_features']} high-level "
-                  f"features ({settings['segments']} longitudinal segments), each divided by its maximum |value| in "
-                  "the reference, so compare generated samples against one reference file. Its FPD and KPD draw "
-                  "batches without replacement and are NOT the CaloChallenge's (see above): compare them only "
-                  "with each other. FPD's error includes the fluctuation of the finite samples, KPD's is half the "
-                  "16-84% spread of its batches. Data compared with itself gives AUC 0.5, FPD and KPD consistent "
-                  "with 0, precision/recall/coverage near their data-vs-data values and density about 1 (above 1 "
-                  "flags memorisation). The DS2 columns are the CaloDiT-2 paper's numbers on CaloChallenge dataset "
-                  "2 (Geant4 electrons), for scale only: another detector, data set and (AUC-high) feature set.", ""]
-
-    if "separation_power" in result:
-        lines += ["## Observables", "", "Separation power 1/2 sum (h1 - h2)^2 / (h1 + h2) of unit-area histograms "
-                  "(0 identical, 1 disjoint).", "", "| observable | separation power |", "|---|---|"]
-        labels = {k: v[0] for k, v in O.SHOWER_OBSERVABLES.items()}
-        labels |= {"voxel_energy": "voxel energy spectrum", "e_layer_mean": "energy per layer (mean over layers)",
-                   "e_layer_max": "energy per layer (worst layer)"}
-        lines += [f"| {labels[k]} | {v:.4g} |" for k, v in result["separation_power"].items()] + [""]
-        lines += [f"![{p}]({p})" for p in result["plots"] if p.startswith(("obs_", "profile_", "mean_"))] + [""]
-
-    if result.get("response"):
-        lines += response_lines(result["response"])
-
-    if result.get("fixed_points"):
-        lines += ["## Fixed points", "", "Mean (std) of E_dep/E_inc, centre of energy in z and width in r at chosen "
-                  "conditions; pull = (gen - ref) / error of the difference of means.", "",
-                  "| E [GeV] | theta | phi | N ref | N gen | E_dep/E_inc ref | gen | pull | c_z [mm] ref | gen | "
-                  "pull | w_r [mm] ref | gen | pull |", "|" + "---|" * 14]
-        for row in result["fixed_points"]:
-            cells = [f"{row['energy_mev'] / 1e3:.4g}", f"{row['theta']:.3f}",
-                     "any" if row["phi"] is None else f"{row['phi']:.3f}", str(row["n_reference"]),
-                     str(row["n_generated"])]
-            for key in ("e_ratio", "c_z", "w_r"):
-                o = row["observables"].get(key)
-                cells += ([f"{o['reference_mean']:.4g} ({o['reference_std']:.2g})",
-                           f"{o['generated_mean']:.4g} ({o['generated_std']:.2g})", f"{o['pull']:+.1f}"]
-                          if o else ["too few showers", "", ""])
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-
-    lines += ["## Conditions", "", "| condition | reference range | generated range | KS p-value |", "|---|---|---|---|"]
-    for name, c in result["conditions"].items():
-        lines.append(f"| {name} [{c['unit']}] | {c['reference'][0]:.4g} – {c['reference'][1]:.4g} | "
-                     f"{c['generated'][0]:.4g} – {c['generated'][1]:.4g} | {c['ks_pvalue']:.3g} |")
-    lines += [""] + [f"![{p}]({p})" for p in result["plots"] if p.startswith("condition_")] + [""]
-    timing = ", ".join(f"{k} {v:.1f} s" for k, v in result["timing_s"].items())
-    lines += [f"Settings: seed {settings['seed']}; time per metric: {timing or '–'}.", ""]
-    return "\n".join(lines)
+    """report.md from the metrics dict (`calofm/templates/report.md.j2`): files compared, warnings, metrics with
+    errors, plots."""
+    labels = {k: v[0] for k, v in O.SHOWER_OBSERVABLES.items()}
+    labels |= {"voxel_energy": "voxel energy spectrum", "e_layer_mean": "energy per layer (mean over layers)",
+               "e_layer_max": "energy per layer (worst layer)"}
+    return render("report.md.j2", r=result, paper=PAPER_DS2, definitions=DEFINITIONS, cc_features=CC_FEATURES,
+                  cc_seed=M.CC_SEED, labels=labels,
+                  generators=sorted({result[k]["generator"] for k in ("reference", "generated") if result[k]["generator"]}),
+                  timing=", ".join(f"{k} {v:.1f} s" for k, v in result["timing_s"].items()))
