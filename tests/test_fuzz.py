@@ -126,6 +126,22 @@ def test_random_shapes_dtypes_and_values(tmp_path, fmt, key, n, shape_tail, dtyp
     read_all(path, "random dataset")
 
 
+@FUZZ
+@given(fmt=st.sampled_from(["lemurs", "calochallenge"]), key=st.sampled_from(["showers", "energy", "phi", "theta"]),
+       index=st.integers(0, 3), value=st.floats(allow_nan=True, allow_infinity=True, width=32))
+def test_random_values_in_valid_files(tmp_path, fmt, key, index, value):
+    """One entry of a valid file set to any float (NaN, inf, negative, out of the detector's range)."""
+    path = tmp_path / f"values-{fmt}.h5"
+    write_showers(path, showers(4), fmt=fmt, attrs={"detector": "odd"})
+    with h5py.File(path, "r+") as h5:
+        name = {"showers": "showers", "energy": "incident_energy" if fmt == "lemurs" else "incident_energies",
+                "phi": "incident_phi", "theta": "incident_theta"}[key]
+        data = h5[name][()]
+        data.reshape(len(data), -1)[index, 0] = value
+        h5[name][...] = data
+    read_all(path, "random value")
+
+
 def _schema(cls=RunConfig, prefix=""):
     import dataclasses
 
