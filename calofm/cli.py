@@ -59,7 +59,7 @@ SetOpt = typer.Option(None, "--set", help="Override a recipe key: dotted.key=val
 def data_synth(
     detector: str | None = typer.Option(None, "--detector", help="One detector (see calofm.geometry)."),
     all_: bool = typer.Option(False, "--all", help="All five detectors."),
-    n: int = typer.Option(..., "--n", min=1, help="Showers per detector."),
+    n: int = typer.Option(..., "--num-showers", "-n", "--n", min=1, help="Showers per detector."),
     seed: int = typer.Option(0, "--seed", help="Run seed; each detector's stream derives from it and its name."),
     out: Path = typer.Option(..., "--out", help="Folder for <detector>.h5 (LEMURS format)."),
 ) -> None:
@@ -187,7 +187,8 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
                                                  help="Model folder, shipped model name or Hub repo id."),
              model_opt: str | None = typer.Option(None, "--model", help="The same as MODEL (the older spelling)."),
              detector: str = typer.Option(..., "--detector", help="Detector name (must be in the model's slot map)."),
-             n: int = typer.Option(1000, "--n", min=1, help="Number of showers (ignored with --conditions)."),
+             n: int = typer.Option(1000, "--num-showers", "-n", "--n", min=1,
+                                    help="Number of showers (ignored with --conditions)."),
              energy: float | None = typer.Option(None, "--energy", help="Fixed incident energy in GeV."),
              theta: float | None = typer.Option(None, "--theta", help="Fixed polar angle in rad."),
              phi: float | None = typer.Option(None, "--phi", help="Fixed azimuth in rad."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,13 +65,28 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     return Showers(showers.astype(np.float32), energy, phi, theta)
 
 
+def _conditions_of(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(energy, phi, theta) of every shower in a file, read and validated chunk by chunk (bounded memory)."""
+    from calofm.data.formats import open_showers
+
+    parts = []
+    with open_showers(path) as f:
+        for s in f.iter_chunks(4096):
+            parts.append((s.energy, s.phi, s.theta))
+    return tuple(np.concatenate(a) for a in zip(*parts))
+
+
 def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energy_gev: float | None = None,
                      theta: float | None = None, phi: float | None = None, conditions=None,
                      steps: int | None = None, batch_size: int = 256, seed: int = 0, fmt: str = "lemurs"):
-    """The `calofm generate` job: conditions, split over processes (torchrun), gathered into one file."""
+    """The `calofm generate` job: conditions, split over processes (torchrun), streamed into one file.
+
+    Each batch is written as soon as it is made (`write_stream`), so memory does not grow with `n`; under
+    torchrun each process streams its share into a hidden part file beside `out`, and the main process streams
+    the parts into `out`. Every file appears under its name only once complete (atomic rename)."""
     from accelerate import PartialState
 
-    from calofm.data.formats import FORMATS, open_showers, write_showers
+    from calofm.data.formats import FORMATS, open_showers, write_stream
     from calofm.data.synthetic import conditions as sample_conditions
     from calofm.hub import load_model
     from calofm.progress import progress
@@ -80,31 +96,44 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
     model = load_model(model_ref)
     detector_slot(model, detector)
     if conditions is not None:
-        with open_showers(conditions) as f:
-            ref = f.read()
-        e, p, t = ref.energy, ref.phi, ref.theta
+        e, p, t = _conditions_of(conditions)
     else:  # checked against the detector's ranges before any work is done
         e, p, t = sample_conditions(detector, n, np.random.default_rng(seed),
                                     None if energy_gev is None else energy_gev * 1000.0, phi, theta)
 
     state = PartialState(cpu=not torch.cuda.is_available())
     model.to(state.device)
-    index = np.arange(len(e))
-    with state.split_between_processes(index) as mine:
-        bar = progress(state.is_main_process, total=len(mine), desc=f"generate {detector}", unit="shower")
-        part = generate_showers(model, detector, e[mine], t[mine], p[mine], steps=steps, batch_size=batch_size,
-                                seed=seed, first_index=int(mine[0]) if len(mine) else 0, progress=bar.update)
-        bar.close()
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object([part])
-    else:
-        parts = [part]
-    if not state.is_main_process:
-        return None
-    showers = Showers.concat(parts)
     attrs = {"detector": detector, "generated_by": f"calofm {model.objective} ({model_ref})",
              "sampler_steps": sampler_steps(model, steps)}
-    write_showers(out, showers, fmt=fmt, attrs=attrs)
+    out = Path(out)
+    with state.split_between_processes(list(range(len(e)))) as mine:  # a list: Accelerate splits no ndarray
+        mine = np.asarray(mine, dtype=np.int64)
+        first = int(mine[0]) if len(mine) else 0
+        target = out if state.num_processes == 1 else out.with_name(f".{out.name}.part{state.process_index}.h5")
+        bar = progress(state.is_main_process, total=len(mine), desc=f"generate {detector}", unit="shower")
+        batches = (generate_showers(model, detector, e[mine[i:i + batch_size]], t[mine[i:i + batch_size]],
+                                    p[mine[i:i + batch_size]], steps=steps, batch_size=batch_size, seed=seed,
+                                    first_index=first + i, progress=bar.update)
+                   for i in range(0, len(mine), batch_size))
+        if len(mine):
+            write_stream(target, fmt, len(mine), attrs, batches)
+        elif target != out:
+            target.unlink(missing_ok=True)  # no share: no part file, not even one from an earlier run
+        bar.close()
+    if state.num_processes == 1:
+        return out
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    parts = [out.with_name(f".{out.name}.part{r}.h5") for r in range(state.num_processes)]
+    parts = [q for q in parts if q.exists()]
+
+    def chunks():
+        for q in parts:
+            with open_showers(q) as f:
+                yield from f.iter_chunks(batch_size)
+
+    write_stream(out, fmt, len(e), attrs, chunks())
+    for q in parts:
+        q.unlink()
     return out
