@@ -198,6 +198,9 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
              batch_size: int = typer.Option(256, "--batch-size", min=1, help="Showers per forward pass."),
              seed: int = typer.Option(0, "--seed", help="Shower i's noise depends only on (seed, i)."),
              fmt: Literal["lemurs", "calochallenge"] = typer.Option("lemurs", "--format", help="Output file format."),
+             precision: Literal["fp32", "bf16", "int8"] = typer.Option(
+                 "fp32", "--precision", help="bf16: autocast; int8: dynamically quantised Linear layers "
+                 "(benchmarks/precision.md has each one's fidelity)."),
              out: Path = typer.Option(..., "--out", help="Output HDF5 file.")):
     """Generate showers for one detector. Unset conditions are drawn uniformly over the detector's ranges.
 
@@ -211,7 +214,8 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
     model = model or model_opt
 
     path = generate_to_file(model, detector, out, n=n, energy_gev=energy, theta=theta, phi=phi,
-                            conditions=conditions, steps=steps, batch_size=batch_size, seed=seed, fmt=fmt)
+                            conditions=conditions, steps=steps, batch_size=batch_size, seed=seed, fmt=fmt,
+                            precision=precision)
     if path is not None:
         typer.echo(f"wrote {path}")
 

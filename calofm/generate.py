@@ -13,6 +13,29 @@ from calofm.data.transforms import Normalizer, encode_conditions
 from calofm.diffusion import sample, sampler_steps
 from calofm.geometry import SHAPE
 
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def with_precision(model, precision: str):
+    """The model to sample with at `precision`: itself for fp32 and bf16 (bf16 is autocast at sampling time);
+    for int8 a copy whose Linear layers are dynamically quantised (torch.ao `quantize_dynamic`: int8 weights,
+    activations quantised per batch). Quantising an already quantised model returns it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "int8" or getattr(model, "calofm_int8", False):
+        return model
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch.ao's deprecation notices (its successor, torchao, is not a calofm dependency): it works in 2.13
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear},
+                                                           dtype=torch.qint8)
+    quantized.calofm_int8 = True
+    return quantized
+
 
 def detector_slot(model, detector: str) -> int:
     if detector not in model.slot_map:
@@ -35,9 +58,11 @@ def shower_noise(seed: int, index: np.ndarray, steps: int, multistep: bool, devi
 
 @torch.no_grad()
 def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | None = None, batch_size: int = 256,
-                     seed: int = 0, first_index: int = 0, progress: Callable[[int], None] | None = None) -> Showers:
+                     seed: int = 0, first_index: int = 0, precision: str = "fp32",
+                     progress: Callable[[int], None] | None = None) -> Showers:
     """One shower per (energy MeV, theta, phi); the model's own sampler (EDM Heun or CD) and step default.
-    Shower i's noise depends only on (seed, first_index + i)."""
+    Shower i's noise depends only on (seed, first_index + i). `precision`: fp32, bf16 (autocast) or int8
+    (`with_precision`; pass its result when calling repeatedly, so the model is quantised once)."""
     if model.normalizer is None:
         raise ValueError("model has no normaliser in its config; it was not trained by calofm")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
@@ -46,6 +71,7 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     normalizer = Normalizer.from_dict(model.normalizer)
     energy, theta, phi = (np.asarray(a, dtype=np.float32).reshape(-1) for a in (energy, theta, phi))
     slot = detector_slot(model, detector)
+    model = with_precision(model, precision)
     device = next(model.parameters()).device
     model.eval()
     steps = sampler_steps(model, steps)
@@ -56,7 +82,8 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
         index = first_index + np.arange(start, start + cond.shape[0])
         noise, deposit_noise, renoise = shower_noise(seed, index, steps, model.objective == "cd" and steps > 1,
                                                      device)
-        z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise, renoise=renoise)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise, renoise=renoise)
         unit = normalizer.generated_unit(torch.from_numpy(energy[sl]).to(device), detector, deposit)
         out.append(normalizer.inverse(z.float(), unit).cpu().numpy())
         if progress is not None:
@@ -78,7 +105,8 @@ def _conditions_of(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energy_gev: float | None = None,
                      theta: float | None = None, phi: float | None = None, conditions=None,
-                     steps: int | None = None, batch_size: int = 256, seed: int = 0, fmt: str = "lemurs"):
+                     steps: int | None = None, batch_size: int = 256, seed: int = 0, fmt: str = "lemurs",
+                     precision: str = "fp32"):
     """The `calofm generate` job: conditions, split over processes (torchrun), streamed into one file.
 
     Each batch is written as soon as it is made (`write_stream`), so memory does not grow with `n`; under
@@ -102,9 +130,9 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
                                     None if energy_gev is None else energy_gev * 1000.0, phi, theta)
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    model.to(state.device)
+    model = with_precision(model.to(state.device), precision)
     attrs = {"detector": detector, "generated_by": f"calofm {model.objective} ({model_ref})",
-             "sampler_steps": sampler_steps(model, steps)}
+             "sampler_steps": sampler_steps(model, steps), "precision": precision}
     out = Path(out)
     with state.split_between_processes(list(range(len(e)))) as mine:  # a list: Accelerate splits no ndarray
         mine = np.asarray(mine, dtype=np.int64)
@@ -113,7 +141,7 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
         bar = progress(state.is_main_process, total=len(mine), desc=f"generate {detector}", unit="shower")
         batches = (generate_showers(model, detector, e[mine[i:i + batch_size]], t[mine[i:i + batch_size]],
                                     p[mine[i:i + batch_size]], steps=steps, batch_size=batch_size, seed=seed,
-                                    first_index=first + i, progress=bar.update)
+                                    first_index=first + i, precision=precision, progress=bar.update)
                    for i in range(0, len(mine), batch_size))
         if len(mine):
             write_stream(target, fmt, len(mine), attrs, batches)

@@ -147,3 +147,21 @@ def test_two_processes_write_the_same_file_as_one(tiny_edm, tmp_path):
     np.testing.assert_array_equal(a.energy, b.energy)
     np.testing.assert_allclose(a.showers, b.showers, rtol=1e-3, atol=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5", "two.h5"]
+
+
+def test_precisions_change_the_arithmetic_not_the_physics():
+    """bf16 and int8 sample other numbers than fp32, with the same mean deposit at one fixed condition (64 showers
+    of the shipped CD model, same noise)."""
+    from calofm.generate import with_precision
+
+    model = load_model("calodit-tiny-standin-cd")
+    e, t, p = np.full(64, 5e4), np.full(64, 1.57), np.full(64, 0.1)
+    ref = generate_showers(model, "odd", e, t, p, seed=1).showers
+    for precision in ("bf16", "int8"):
+        run = with_precision(model, precision)
+        assert with_precision(run, precision) is run  # quantised once
+        got = generate_showers(run, "odd", e, t, p, seed=1, precision=precision).showers
+        assert np.abs(got - ref).max() > 1e-3, precision
+        assert got.sum() / ref.sum() == pytest.approx(1.0, abs=0.01), precision
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
+        generate_showers(model, "odd", e, t, p, precision="fp16")
