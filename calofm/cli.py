@@ -198,6 +198,8 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
              batch_size: int = typer.Option(256, "--batch-size", min=1, help="Showers per forward pass."),
              seed: int = typer.Option(0, "--seed", help="Shower i's noise depends only on (seed, i)."),
              fmt: Literal["lemurs", "calochallenge"] = typer.Option("lemurs", "--format", help="Output file format."),
+             threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads (default: torch's "
+                                                    "choice, all cores; 1 is best when the cores are shared)."),
              precision: Literal["fp32", "bf16", "int8"] = typer.Option(
                  "fp32", "--precision", help="bf16: autocast; int8: dynamically quantised Linear layers "
                  "(benchmarks/precision.md has each one's fidelity)."),
@@ -212,6 +214,10 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
     if (model is None) == (model_opt is None):
         raise ValueError("give the model once: calofm generate MODEL ... (or --model MODEL)")
     model = model or model_opt
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     path = generate_to_file(model, detector, out, n=n, energy_gev=energy, theta=theta, phi=phi,
                             conditions=conditions, steps=steps, batch_size=batch_size, seed=seed, fmt=fmt,
