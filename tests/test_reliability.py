@@ -214,7 +214,7 @@ def test_a_corrupted_hdf5_chunk_names_file_key_and_showers(data_dir, tmp_path):
 def test_bad_generate_options_name_the_option(tiny_edm, tmp_path, option, value):
     out = cli_error("generate", "--model", str(tiny_edm), "--detector", "odd", option, value,
                     "--out", str(tmp_path / "g.h5"))
-    assert f"Invalid value for '{option}'" in out and not (tmp_path / "g.h5").exists()
+    assert "Invalid value for" in out and f"'{option}'" in out and not (tmp_path / "g.h5").exists()
 
 
 @pytest.mark.parametrize("override, message", [("train.steps=-3", "train.steps must be >= 1, got -3"),
