@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True, help="OUT.md and OUT.json")
+    ap.add_argument("--eval-dir", help="keep the evaluation reports here (default: a temporary folder)")
     args = ap.parse_args()
 
     from calofm.data.formats import open_showers
@@ -40,6 +42,7 @@ def main() -> None:
     from calofm.hub import load_model
 
     torch.set_num_threads(args.threads)
+    eval_dir = args.eval_dir or tempfile.mkdtemp(prefix="bench-precision-")
     out = Path(args.out)
     base = load_model(args.model)
     results = {}
@@ -60,7 +63,7 @@ def main() -> None:
                          "wall_ms": 1e3 * statistics.median(wall) / args.batch,
                          "wall_ms_min": 1e3 * min(wall) / args.batch}
             gen = generate_showers(model, det, ref.energy, ref.theta, ref.phi, seed=1, precision=precision)
-            summary[det] = fidelity(ref, gen, out.parent / f"{out.name}-eval" / precision / det, det)
+            summary[det] = fidelity(ref, gen, Path(eval_dir) / precision / det, det)
             print(precision, det, f"FPD x1e3 {summary[det]['fpd']['value'] * 1e3:.3g}", cost[det], flush=True)
         results[precision] = {"summary": summary, "cost": cost}
 
