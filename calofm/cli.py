@@ -160,7 +160,7 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
     """Adapt a pretrained model to a new detector in a free slot: EDM fine-tuning, then CD distillation.
 
     Options override the recipe. Without a recipe, output_dir is runs/adapt-DETECTOR-MODE and the learning rate
-    the mode's default (full 1e-4, lora and conditioning 1e-3).
+    1e-3 (measured best on the shipped model; benchmarks/adaptation.md).
 
     Example: calofm adapt --pretrained calodit-tiny-standin --detector fccee_allegro --data allegro.h5 --mode lora"""
     from calofm.config import load_config

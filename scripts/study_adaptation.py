@@ -221,8 +221,6 @@ def main() -> None:
               f"{row['fpd']['error'] * 1e3:.2g}, AUC {row['auc_high']:.3f}", flush=True)
 
     rows = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json")) if p.stem != "floor"]
-    for r in rows:  # runs cached before the rate was recorded ran at the recipe's
-        r.setdefault("lr", args.lr_scratch if r["init"] == "scratch" else load_config(f"adapt-{r['mode']}").train.lr)
     meta = {"floor": json.loads((cache / "floor.json").read_text()), "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
             "compute_s": sum(r["train_s"] + r["generate_s"] for r in rows)}
