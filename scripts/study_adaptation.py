@@ -11,9 +11,14 @@ EDM stage only (adapt.cd_steps = 0): the consistency stage would double the time
 Every finished run is cached in --work/results/, so an interrupted study continues, runs can be added by later
 invocations (the table holds all cached runs), and two processes can share the work:
 
-    python scripts/study_adaptation.py --arms adapted --modes full --n-train 1000 --steps 300 1000
+    python scripts/study_adaptation.py --arms adapted --modes full --n-train 1000 --steps 300 1000 --lr-adapt 1e-4
+    python scripts/study_adaptation.py --arms adapted --modes full --n-train 250 5000 --steps 1000 --lr-adapt 1e-4
+    python scripts/study_adaptation.py --arms adapted --modes full --n-train 1000 --steps 300 1000 --lr-adapt 1e-3
+    python scripts/study_adaptation.py --arms adapted --modes lora --n-train 1000 --steps 300 1000
+    python scripts/study_adaptation.py --arms adapted --modes conditioning --n-train 1000 --steps 1000
     python scripts/study_adaptation.py --arms scratch --n-train 5000 --steps 300 1000
-    python scripts/study_adaptation.py --arms adapted --modes full --n-train 1000 --steps 1000 --lr-adapt 1e-3
+    python scripts/study_adaptation.py --arms scratch --n-train 1000 --steps 1000
+    python scripts/study_adaptation.py --table-only       # the table and plot of every cached run
     python scripts/study_adaptation.py --quick            # a smoke run of the whole pipeline
 """
 
@@ -140,7 +145,7 @@ def write_outputs(args, rows: list[dict], meta: dict) -> None:
         "",
         f"Start: `{args.pretrained}` (`calofm/pretrained`, tiny preset, pretrained on "
         f"{', '.join(PRETRAIN_DETECTORS)}; fccee_allegro was never seen). Adapted: `calofm.train.adapt` with "
-        "`recipes/adapt-MODE.yaml` (lr: full 1e-4, LoRA and conditioning 1e-3); scratch: `calofm.train.pretrain` "
+        "`recipes/adapt-MODE.yaml` at the rate of the lr column; scratch: `calofm.train.pretrain` "
         f"on fccee_allegro alone, lr {args.lr_scratch:g}. All: batch 64, WSD schedule, EMA, EDM stage only. "
         f"Scored as the shipped model's card (`calofm.evaluate.fidelity`): {args.n_test:,} held-out showers "
         f"(seed 3) and one generated at each one's conditions ({args.sample_steps} Heun steps); training pool "
@@ -157,8 +162,8 @@ def write_outputs(args, rows: list[dict], meta: dict) -> None:
         "",
         f"![FPD vs steps]({args.out.with_suffix('.png').name})",
         "",
-        "Reproduce: the commands in `scripts/study_adaptation.py`'s docstring, then "
-        "`python scripts/study_adaptation.py --table-only`.",
+        "Reproduce: the commands in `scripts/study_adaptation.py`'s docstring (each run is cached in --work; "
+        "the last writes this table).",
         "",
     ]))
 
