@@ -20,6 +20,13 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise  # --help and friends: typer's own handling (typer.Exit is a RuntimeError)
+        except typer.TyperException as e:  # typer's click: a bad option value is one line too, with where to look
+            if _DEBUG["on"] or not hasattr(e, "format_message"):
+                raise
+            ctx_ = getattr(e, "ctx", None)
+            where = f" (see: {ctx_.command_path} --help)" if ctx_ is not None else ""
+            typer.echo(f"error: {e.format_message()}{where}", err=True)
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except (ValueError, KeyError, OSError, RuntimeError, ImportError) as e:
             if _DEBUG["on"]:
                 raise
