@@ -64,6 +64,11 @@ def damage(ckpt: Path) -> str | None:
     return None
 
 
+def last_good(out: str | Path) -> Path | None:
+    """The newest checkpoint that matches its manifest, or None: what an error message points the user to."""
+    return next((c for c in checkpoints(out) if damage(c) is None), None)
+
+
 def resume_point(out: str | Path, say=print) -> Path | None:
     """The newest intact checkpoint; each newer damaged one is named with its reason. None if there is none at
     all; an error if all are damaged."""
@@ -121,7 +126,7 @@ def save(accelerator: Accelerator, out: Path, state: dict, emas: Sequence[nn.Mod
     except (OSError, RuntimeError) as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        good = next((c for c in checkpoints(out) if damage(c) is None), None)
+        good = last_good(out)
         raise OSError(f"writing checkpoint {final} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
                       f"); {f'the last good checkpoint is {good}' if good else 'no earlier checkpoint'}: free "
                       "space and run again with --resume") from e

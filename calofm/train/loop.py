@@ -28,7 +28,7 @@ from calofm.data.transforms import Normalizer
 from calofm.io import atomic_dir, atomic_write_text
 from calofm.progress import progress
 from calofm.train import checkpoint
-from calofm.train.checkpoint import checkpoints, clean_stale, resume_point
+from calofm.train.checkpoint import checkpoints, clean_stale, last_good, resume_point
 from calofm.train.ema import EMA, power_decay
 from calofm.train.schedule import wsd
 
@@ -157,11 +157,10 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
             objective.after_step(unwrapped, step)
         else:
             skipped += 1
-            last = next((c for c in checkpoints(out) if checkpoint.damage(c) is None), None)
-            where = (f"step {step}: non-finite loss or gradient (detectors in the batch: {', '.join(sorted(detectors))})")
-            if skipped > t.max_nonfinite_steps:
+            where = f"step {step}: non-finite loss or gradient (detectors in the batch: {', '.join(sorted(detectors))})"
+            if skipped > t.max_nonfinite_steps:  # only now hash the checkpoints, to name the last good one
                 raise NonFiniteError(f"{where}; {skipped} such steps, more than train.max_nonfinite_steps="
-                                     f"{t.max_nonfinite_steps}. Last good checkpoint: {last or 'none'}. Lower "
+                                     f"{t.max_nonfinite_steps}. Last good checkpoint: {last_good(out) or 'none'}. Lower "
                                      "train.lr or set train.grad_clip, then run again with --resume")
             accelerator.print(f"warning: {where}; step skipped ({skipped} of at most {t.max_nonfinite_steps})")
 
@@ -182,7 +181,7 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
             bad = checkpoint.nonfinite([unwrapped, *kept])
             if bad is not None:
                 raise NonFiniteError(f"step {step}: weight {bad} is not finite; not writing a checkpoint. Last good "
-                                     f"checkpoint: {latest_checkpoint(out) or 'none'}")
+                                     f"checkpoint: {last_good(out) or 'none'}")
             checkpoint.save(accelerator, out, {"step": step, "skipped": skipped,
                                                "world_size": accelerator.num_processes,
                                                "scheduler": sched.state_dict()}, kept, t.keep_checkpoints)
