@@ -36,6 +36,7 @@ INPUT_LAYOUT = ("energy_gev", "phi_rad", "theta_rad", *(f"onehot_{s}" for s in C
 OUTPUT_THRESHOLD_GEV = 0.5e-6  # cells under 0.5 keV are zero in the contract's output
 FORMATS = ("onnx", "torchscript")
 DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "int8")  # int8: onnxruntime's dynamic quantisation of the ONNX graph
 ONNX_OPSET = 17  # the first opset with LayerNormalization; runs on every onnxruntime since 1.11
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 CONTRACT_KEY = "calofm_contract"  # the contract JSON, also embedded in the exported file
@@ -100,7 +101,8 @@ class Par04Generator(nn.Module):
         z, deposit = sample(self.model, noise, self.model_conditions(inputs), steps=self.steps,
                             deposit_noise=deposit_noise)
         n = self.normalizer
-        scale = inputs[:, 0] * 1000.0 * (inputs[:, 3:] @ self.slot_response)  # E_inc (x response) in MeV
+        # E_inc (x response) in MeV; a product and sum, not a MatMul, which int8 export would quantise (by 24%)
+        scale = inputs[:, 0] * 1000.0 * (inputs[:, 3:] * self.slot_response).sum(1)
         unit = None if n.unit == "mev" else n.decode_deposit(deposit, scale) if n.has_deposit else scale
         gev = n.inverse(z, unit) / 1000.0
         unsupported = (inputs[:, 3:] @ self.supported < 0.5).view(-1, 1, 1, 1)
@@ -114,7 +116,7 @@ def model_config(model: nn.Module) -> dict:
 
 
 def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: int,
-             slots: dict[str, str | None], noise_input: bool, source: str | None) -> dict:
+             slots: dict[str, str | None], noise_input: bool, source: str | None, precision: str = "fp32") -> dict:
     """What a Geant4 user needs to call the graph, as JSON."""
     batch_dim = batch if batch is not None else "batch"
     evaluations = steps if model.objective == "cd" else 2 * steps - 1
@@ -134,6 +136,7 @@ def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: 
         contract="geant4-par04",
         format=fmt,
         device=device,
+        precision=precision,
         **({"opset": ONNX_OPSET, "providers": ORT_PROVIDERS[device]} if fmt == "onnx" else {}),
         inputs=inputs,
         slots=[dict(index=i, name=name, model_detector=slots[name],
@@ -192,7 +195,8 @@ def _write_torchscript(graph: Par04Generator, example: tuple, path: Path, meta: 
     path.write_bytes(buf.getvalue())
 
 
-def _write_onnx(graph: Par04Generator, example: tuple, path: Path, meta: str, dynamic_batch: bool) -> None:
+def _onnx_proto(graph: Par04Generator, example: tuple, meta: str, dynamic_batch: bool, precision: str):
+    """The graph as an ONNX ModelProto with the contract in its metadata; int8: `_quantize_int8` of it."""
     import onnx
 
     names = ["conditions", "noise", "deposit_noise"][: len(example)]
@@ -203,9 +207,35 @@ def _write_onnx(graph: Par04Generator, example: tuple, path: Path, meta: str, dy
                           dynamic_axes={n: {0: "batch"} for n in [*names, "energies"]} if dynamic_batch else None)
     proto = onnx.load_from_string(buf.getvalue())
     proto.producer_name = "calofm"
-    onnx.helper.set_model_props(proto, {CONTRACT_KEY: meta})
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    if precision == "int8":
+        proto = _quantize_int8(proto)
+    onnx.helper.set_model_props(proto, {CONTRACT_KEY: meta})
+    return proto
+
+
+def _quantize_int8(proto):
+    """onnxruntime's recommended CPU recipe: `quant_pre_process` (shape inference, graph optimisation), then
+    `quantize_dynamic` with int8 weights (QInt8) and uint8 activations quantised batch by batch at run time, so
+    no calibration data is needed."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="calofm-int8-") as tmp:  # both steps write only to files
+        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(proto, pre)
+        quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
+        return onnx.load(str(out))
+
+
+def _write_onnx(graph: Par04Generator, example: tuple, path: Path, meta: str, dynamic_batch: bool,
+                precision: str) -> None:
+    import onnx
+
+    onnx.save(_onnx_proto(graph, example, meta, dynamic_batch, precision), str(path))
 
 
 def _check_runs(fmt: str, path: Path, device: str, example: tuple[torch.Tensor, ...]) -> None:
@@ -228,9 +258,14 @@ def _check_runs(fmt: str, path: Path, device: str, example: tuple[torch.Tensor, 
                            f"{' with NaN' if out.isnan().any() else ''}; expected ({example[0].shape[0]}, {N_CELLS})")
 
 
-def check_options(fmt: str, device: str = "cpu", batch: int = 1, steps: int | None = None) -> None:
+def check_options(fmt: str, device: str = "cpu", batch: int = 1, steps: int | None = None,
+                  precision: str = "fp32") -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown export precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "int8" and fmt != "onnx":
+        raise ValueError("int8 export is ONNX only (onnxruntime's dynamic quantisation); TorchScript is fp32")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     if batch < 1:
@@ -239,50 +274,78 @@ def check_options(fmt: str, device: str = "cpu", batch: int = 1, steps: int | No
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
-def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device: str = "cpu", batch: int = 1,
-                 dynamic_batch: bool = False, steps: int | None = None, new_detector: str | None = None,
-                 noise_input: bool = False, source: str | None = None) -> Path:
-    """Write `model` (a CaloDiT, or a peft-wrapped one: merged first) as one Par04 graph, plus its contract JSON.
-
-    `batch` fixes the batch size (1 in the contract); `dynamic_batch` makes it a free axis instead. `noise_input`
-    adds the sampler's starting noise as a second input, so the graph can be compared with eager PyTorch.
-    Returns the path of the exported file; the contract lands at `sidecar_path(out)`.
-    """
-    check_options(fmt, device, batch, steps)
+def _prepare(model: nn.Module, steps: int | None, new_detector: str | None,
+             source: str | None) -> tuple[Par04Generator, dict[str, str | None]]:
+    """The Par04 graph of a frozen copy of `model` (a peft model merged), and its contract slots."""
     model = copy.deepcopy(model)  # the caller's model keeps its mode, gradients and adapters
     if hasattr(model, "merge_and_unload"):  # a peft model: LoRA deltas folded into plain Linear weights
         model = model.merge_and_unload()
     if getattr(model, "normalizer", None) is None:
         raise ValueError(f"{source or 'model'}: no normaliser in the model config (config.json key 'normalizer'); "
                          "only models trained by calofm can be exported")
-    steps = sampler_steps(model, steps)
+    if getattr(model, "calofm_int8", False):
+        raise ValueError("a torch-quantised (int8) model cannot be exported; export the fp32 model with "
+                         "precision int8 (onnxruntime's own quantisation)")
+    slots = contract_slots(model.slot_map, new_detector)
+    model.eval().requires_grad_(False)  # the saved graph then never builds autograd state, whoever runs it
+    return Par04Generator(model, sampler_steps(model, steps), slots).eval(), slots
+
+
+def _example(graph: Par04Generator, batch: int, noise_input: bool) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace with, on the model's device."""
+    device = next(graph.model.parameters()).device
+    conditions = torch.tensor([[50.0, 1.0, 1.5, 1.0, 0.0, 0.0, 0.0, 0.0]], device=device)
+    example = (conditions.expand(batch, -1).contiguous(),)
+    if noise_input:
+        example += (torch.randn(batch, *SHAPE, device=device),)
+        if graph.model.deposit_net is not None:
+            example += (torch.randn(batch, 1, device=device),)
+    return example
+
+
+def onnx_graph(model: nn.Module, *, steps: int | None = None, new_detector: str | None = None,
+               precision: str = "fp32") -> tuple[bytes, dict[str, str | None]]:
+    """`model` as an in-memory ONNX graph (serialised) with noise inputs and a free batch axis, and its contract
+    slots: what `calofm generate --backend onnxruntime` opens, without a file."""
+    check_options("onnx", steps=steps, precision=precision)
+    graph, slots = _prepare(model, steps, new_detector, None)
+    meta = json.dumps(contract(graph.model, "onnx", "cpu", None, graph.steps, slots, True, None, precision))
+    with torch.no_grad():
+        proto = _onnx_proto(graph, _example(graph, 2, True), meta, True, precision)
+    return proto.SerializeToString(), slots
+
+
+def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device: str = "cpu", batch: int = 1,
+                 dynamic_batch: bool = False, steps: int | None = None, new_detector: str | None = None,
+                 noise_input: bool = False, source: str | None = None, precision: str = "fp32") -> Path:
+    """Write `model` (a CaloDiT, or a peft-wrapped one: merged first) as one Par04 graph, plus its contract JSON.
+
+    `batch` fixes the batch size (1 in the contract); `dynamic_batch` makes it a free axis instead. `noise_input`
+    adds the sampler's starting noise as a second input, so the graph can be compared with eager PyTorch.
+    `precision` int8 (ONNX only) quantises the graph with onnxruntime's `quantize_dynamic`: int8 weights, smaller
+    file, activations quantised per batch at run time.
+    Returns the path of the exported file; the contract lands at `sidecar_path(out)`.
+    """
+    check_options(fmt, device, batch, steps, precision)
+    graph, slots = _prepare(model, steps, new_detector, source)
+    model, steps = graph.model, graph.steps
     if model.objective == "edm":
         warnings.warn(f"exporting an EDM model: {2 * steps - 1} network evaluations per shower ({steps} Heun steps) "
                       "make the graph slow; distil it to a consistency model (calofm distill) for Geant4",
                       stacklevel=2)
-    slots = contract_slots(model.slot_map, new_detector)
     missing = [s for s, d in slots.items() if d is None]
     if missing:
         warnings.warn(f"the model has no detector for contract slot(s) {', '.join(missing)}: "
                       "those one-hots give empty showers", stacklevel=2)
 
-    model.eval().requires_grad_(False)  # the saved graph then never builds autograd state, whoever runs it
-    graph = Par04Generator(model, steps, slots).eval()
-    param = next(model.parameters())
-    example_batch = 2 if dynamic_batch else batch  # a traced size-1 axis could be specialised
-    conditions = torch.tensor([[50.0, 1.0, 1.5, 1.0, 0.0, 0.0, 0.0, 0.0]], device=param.device)
-    example = (conditions.expand(example_batch, -1).contiguous(),)
-    if noise_input:
-        example += (torch.randn(example_batch, *SHAPE, device=param.device),)
-        if model.deposit_net is not None:
-            example += (torch.randn(example_batch, 1, device=param.device),)
+    example = _example(graph, 2 if dynamic_batch else batch, noise_input)  # a traced size-1 axis could be specialised
     meta = json.dumps(contract(model, fmt, device, None if dynamic_batch else batch, steps, slots, noise_input,
-                               source), indent=2)
+                               source, precision), indent=2)
 
     out = Path(out)
     with atomic_path(out) as tmp, torch.no_grad():
         if fmt == "onnx":
-            _write_onnx(graph, example, tmp, meta, dynamic_batch)
+            _write_onnx(graph, example, tmp, meta, dynamic_batch, precision)
         else:
             _write_torchscript(graph, example, tmp, meta)
         _check_runs(fmt, tmp, device, example)
@@ -292,11 +355,11 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device
 
 def export(path_or_repo: str | Path, out: str | Path, fmt: str = "onnx", *, device: str = "cpu", batch: int = 1,
            dynamic_batch: bool = False, steps: int | None = None, new_detector: str | None = None,
-           noise_input: bool = False) -> Path:
+           noise_input: bool = False, precision: str = "fp32") -> Path:
     """The `calofm export` job: load a model folder or Hub repo, then `export_model`."""
     from calofm.hub import load_model
 
-    check_options(fmt, device, batch, steps)  # before the (possibly long) load
+    check_options(fmt, device, batch, steps, precision)  # before the (possibly long) load
     path = Path(path_or_repo)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         # its base would be the pretrained model, whose slot map lacks the adapted detector: merging is adapt's job
@@ -304,4 +367,5 @@ def export(path_or_repo: str | Path, out: str | Path, fmt: str = "onnx", *, devi
                          "`calofm adapt` writes (OUT/edm or OUT/cd), or pass a merged or peft model to "
                          "calofm.export.export_model")
     return export_model(load_model(path_or_repo), out, fmt, device=device, batch=batch, dynamic_batch=dynamic_batch,
-                        steps=steps, new_detector=new_detector, noise_input=noise_input, source=str(path_or_repo))
+                        steps=steps, new_detector=new_detector, noise_input=noise_input, source=str(path_or_repo),
+                        precision=precision)

@@ -14,6 +14,7 @@ from calofm.diffusion import sample, sampler_steps
 from calofm.geometry import SHAPE
 
 PRECISIONS = ("fp32", "bf16", "int8")
+BACKENDS = ("torch", "onnxruntime")
 
 
 def with_precision(model, precision: str):
@@ -43,6 +44,63 @@ def detector_slot(model, detector: str) -> int:
     return model.slot_map[detector]
 
 
+class OrtGenerator:
+    """A model exported once (`calofm.export.onnx_graph`: the Par04 graph with noise inputs, a free batch axis and
+    its `steps` unrolled) into an in-memory onnxruntime session; build it once and pass it to `generate_showers`
+    again and again, as `with_precision`'s model is. fp32 runs the graph as exported; int8 runs onnxruntime's
+    dynamic quantisation of it (int8 weights, activations quantised per batch)."""
+
+    def __init__(self, model, precision: str = "fp32", steps: int | None = None, new_detector: str | None = None):
+        import onnxruntime as ort
+
+        from calofm.export import ORT_PROVIDERS, onnx_graph
+
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision {precision} is not supported by the onnxruntime backend (fp32, int8); "
+                             "use backend torch for it")
+        self.model, self.precision, self.steps = model, precision, sampler_steps(model, steps)
+        graph, self.slots = onnx_graph(model, steps=self.steps, new_detector=new_detector, precision=precision)
+        on_cuda = next(model.parameters()).is_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # so --threads sets both backends
+        self.session = ort.InferenceSession(graph, options, providers=ORT_PROVIDERS["cuda" if on_cuda else "cpu"])
+
+    def contract_slot(self, detector: str) -> int:
+        """The contract one-hot index the graph generates `detector` with."""
+        from calofm.export import CONTRACT_SLOTS
+
+        for i, name in enumerate(CONTRACT_SLOTS):
+            if self.slots[name] == detector:
+                return i
+        raise ValueError(f"detector {detector!r} has no slot in this ONNX graph's Par04 contract "
+                         f"({self.slots}); build the graph for it (with_backend(..., detector={detector!r}))")
+
+    def __call__(self, conditions: np.ndarray, noise: torch.Tensor, deposit_noise: torch.Tensor) -> np.ndarray:
+        """(B, 8) contract conditions -> (B, 6480) GeV, from this noise."""
+        feeds = {"conditions": conditions, "noise": noise.numpy(), "deposit_noise": deposit_noise.numpy()}
+        return self.session.run(None, {i.name: feeds[i.name] for i in self.session.get_inputs()})[0]
+
+
+def with_backend(model, backend: str = "torch", precision: str = "fp32", steps: int | None = None,
+                 detector: str | None = None):
+    """What `generate_showers` samples with: for torch, `with_precision(model, precision)`; for onnxruntime, an
+    `OrtGenerator` (its graph unrolls `steps`; an adapted `detector` takes the contract's 'new' slot). An
+    OrtGenerator of the same precision and steps is returned as it is, so the model is exported once."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    base = model.model if isinstance(model, OrtGenerator) else model
+    if backend == "torch":
+        return with_precision(base, precision)
+    if isinstance(model, OrtGenerator) and (model.precision, model.steps) == (precision, sampler_steps(base, steps)):
+        return model
+    from calofm.export import CONTRACT_SLOTS
+
+    adapted = detector if detector is not None and detector not in CONTRACT_SLOTS[:-1] else None
+    return OrtGenerator(base, precision, steps, new_detector=adapted)
+
+
 def shower_noise(seed: int, index: np.ndarray, steps: int, multistep: bool, device) -> tuple[torch.Tensor, ...]:
     """All the Gaussian noise of showers `index`, each drawn from its own generator keyed by (seed, index): the
     starting noise (B, 9, 16, 45), the deposit's (B, 1) and a multistep CD sampler's re-noising (steps - 1, B, ...).
@@ -58,20 +116,25 @@ def shower_noise(seed: int, index: np.ndarray, steps: int, multistep: bool, devi
 
 @torch.no_grad()
 def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | None = None, batch_size: int = 256,
-                     seed: int = 0, first_index: int = 0, precision: str = "fp32",
+                     seed: int = 0, first_index: int = 0, precision: str = "fp32", backend: str = "torch",
                      progress: Callable[[int], None] | None = None) -> Showers:
     """One shower per (energy MeV, theta, phi); the model's own sampler (EDM Heun or CD) and step default.
     Shower i's noise depends only on (seed, first_index + i). `precision`: fp32, bf16 (autocast) or int8
-    (`with_precision`; pass its result when calling repeatedly, so the model is quantised once)."""
-    if model.normalizer is None:
+    (`with_precision`). `backend` onnxruntime runs the exported Par04 graph on the same noise (fp32 or int8;
+    cells under its 0.5 keV cut are zero; a multistep CD sampler re-noises with onnxruntime's own noise).
+    Calling repeatedly, pass `with_backend`'s result, so the model is quantised or exported once."""
+    base = model.model if isinstance(model, OrtGenerator) else model
+    if base.normalizer is None:
         raise ValueError("model has no normaliser in its config; it was not trained by calofm")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    normalizer = Normalizer.from_dict(model.normalizer)
     energy, theta, phi = (np.asarray(a, dtype=np.float32).reshape(-1) for a in (energy, theta, phi))
-    slot = detector_slot(model, detector)
-    model = with_precision(model, precision)
+    slot = detector_slot(base, detector)
+    model = with_backend(model, backend, precision, steps, detector)
+    if isinstance(model, OrtGenerator):
+        return _generate_ort(model, detector, energy, theta, phi, batch_size, seed, first_index, progress)
+    normalizer = Normalizer.from_dict(model.normalizer)
     device = next(model.parameters()).device
     model.eval()
     steps = sampler_steps(model, steps)
@@ -92,6 +155,24 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     return Showers(showers.astype(np.float32), energy, phi, theta)
 
 
+def _generate_ort(run: OrtGenerator, detector: str, energy: np.ndarray, theta: np.ndarray, phi: np.ndarray,
+                  batch_size: int, seed: int, first_index: int, progress: Callable[[int], None] | None) -> Showers:
+    """`generate_showers` through the graph: contract conditions (GeV, phi, theta, one-hot) in, GeV out."""
+    slot = run.contract_slot(detector)
+    out = []
+    for start in range(0, len(energy), batch_size):
+        sl = slice(start, start + batch_size)
+        x = np.zeros((len(energy[sl]), 8), np.float32)
+        x[:, 0], x[:, 1], x[:, 2], x[:, 3 + slot] = energy[sl] / 1000.0, phi[sl], theta[sl], 1.0
+        index = first_index + np.arange(start, start + len(x))
+        noise, deposit_noise, _ = shower_noise(seed, index, run.steps, False, "cpu")  # re-noising: the graph's own
+        out.append(run(x, noise, deposit_noise).reshape(-1, *SHAPE) * 1000.0)
+        if progress is not None:
+            progress(len(x))
+    showers = np.concatenate(out) if out else np.zeros((0, *SHAPE), np.float32)
+    return Showers(showers.astype(np.float32), energy, phi, theta)
+
+
 def _conditions_of(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(energy, phi, theta) of every shower in a file, read and validated chunk by chunk (bounded memory)."""
     from calofm.data.formats import open_showers
@@ -106,8 +187,9 @@ def _conditions_of(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energy_gev: float | None = None,
                      theta: float | None = None, phi: float | None = None, conditions=None,
                      steps: int | None = None, batch_size: int = 256, seed: int = 0, fmt: str = "lemurs",
-                     precision: str = "fp32"):
-    """The `calofm generate` job: conditions, split over processes (torchrun), streamed into one file.
+                     precision: str = "fp32", backend: str = "torch"):
+    """The `calofm generate` job: conditions, split over processes (torchrun), streamed into one file. The model
+    is quantised or exported (`with_backend`) once, before the first batch.
 
     Each batch is written as soon as it is made (`write_stream`), so memory does not grow with `n`; under
     torchrun each process streams its share into a hidden part file beside `out`, and the main process streams
@@ -130,9 +212,10 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
                                     None if energy_gev is None else energy_gev * 1000.0, phi, theta)
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    model = with_precision(model.to(state.device), precision)
+    model = model.to(state.device)
     attrs = {"detector": detector, "generated_by": f"calofm {model.objective} ({model_ref})",
-             "sampler_steps": sampler_steps(model, steps), "precision": precision}
+             "sampler_steps": sampler_steps(model, steps), "precision": precision, "backend": backend}
+    model = with_backend(model, backend, precision, steps, detector)
     out = Path(out)
     with state.split_between_processes(list(range(len(e)))) as mine:  # a list: Accelerate splits no ndarray
         mine = np.asarray(mine, dtype=np.int64)
@@ -141,7 +224,8 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
         bar = progress(state.is_main_process, total=len(mine), desc=f"generate {detector}", unit="shower")
         batches = (generate_showers(model, detector, e[mine[i:i + batch_size]], t[mine[i:i + batch_size]],
                                     p[mine[i:i + batch_size]], steps=steps, batch_size=batch_size, seed=seed,
-                                    first_index=first + i, precision=precision, progress=bar.update)
+                                    first_index=first + i, precision=precision, backend=backend,
+                                    progress=bar.update)
                    for i in range(0, len(mine), batch_size))
         if len(mine):
             write_stream(target, fmt, len(mine), attrs, batches)
