@@ -208,8 +208,11 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
              threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads (default: torch's "
                                                     "choice, all cores; 1 is best when the cores are shared)."),
              precision: Literal["fp32", "bf16", "int8"] = typer.Option(
-                 "fp32", "--precision", help="bf16: autocast; int8: dynamically quantised Linear layers "
-                 "(benchmarks/precision.md has each one's fidelity)."),
+                 "fp32", "--precision", help="bf16: autocast (torch only); int8: dynamically quantised weights, "
+                 "e.g. --precision int8 (benchmarks/precision.md has each one's fidelity)."),
+             backend: Literal["torch", "onnxruntime"] = typer.Option(
+                 "torch", "--backend", help="torch runs the model; onnxruntime its exported Par04 graph on the "
+                 "same noise (fp32, int8), e.g. --backend onnxruntime."),
              out: Path = typer.Option(..., "--out", help="Output HDF5 file.")):
     """Generate showers for one detector. Unset conditions are drawn uniformly over the detector's ranges.
 
@@ -228,7 +231,7 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
 
     path = generate_to_file(model, detector, out, n=n, energy_gev=energy, theta=theta, phi=phi,
                             conditions=conditions, steps=steps, batch_size=batch_size, seed=seed, fmt=fmt,
-                            precision=precision)
+                            precision=precision, backend=backend)
     if path is not None:
         typer.echo(f"wrote {path}")
 
@@ -326,6 +329,9 @@ def export_cmd(model: str = typer.Argument(..., metavar="DIR",
                                                 "(default: the model's saved sampler.steps; CD 1, EDM 32)."),
                new_detector: str | None = typer.Option(None, "--new-detector", help="Adapted detector for the "
                                                        "contract's 'new' slot, when the model has several."),
+               precision: Literal["fp32", "int8"] = typer.Option(
+                   "fp32", "--precision", help="int8 (ONNX only): onnxruntime's dynamic quantisation, int8 "
+                   "weights, a smaller file, e.g. --precision int8."),
                out: Path = typer.Option(..., "--out", help="File to write; its contract JSON goes to OUT.json.")):
     """Export one graph with Geant4's Par04 contract: (B, 8) [E GeV, phi, theta, one-hot(5)] -> (B, 6480) GeV.
 
@@ -339,11 +345,11 @@ def export_cmd(model: str = typer.Argument(..., metavar="DIR",
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         path = export(model, out, fmt, device=device, batch=batch or 1, dynamic_batch=dynamic_batch, steps=steps,
-                      new_detector=new_detector)
+                      new_detector=new_detector, precision=precision)
     for w in caught:
         if issubclass(w.category, UserWarning):
             typer.echo(f"warning: {w.message}", err=True)
-    typer.echo(f"wrote {path} ({fmt}, device {device}) and its contract {sidecar_path(path)}")
+    typer.echo(f"wrote {path} ({fmt}, device {device}, {precision}) and its contract {sidecar_path(path)}")
 
 
 # ------------------------------------------------------------------------------------------- sharing on the Hub
