@@ -1,12 +1,15 @@
-"""Fidelity and cost of `calofm generate --precision fp32|bf16|int8`, measured rather than assumed.
+"""Fidelity and cost of `calofm generate --precision fp32|bf16|int8 --backend torch|onnxruntime`, measured rather
+than assumed.
 
-For each detector and precision: the showers of one model generated at the conditions of the first N held-out
-showers (same seed, so the same noise), scored by `calofm.evaluate.fidelity` against them; and the cost per
-shower (CPU time of this process and wall time, the median of --repeats runs over one batch). Writes OUT.md and
-OUT.json.
+For each backend (--backend, default torch), precision it supports and detector: the showers of one model
+generated at the conditions of the first N held-out showers (same seed, so the same noise), scored by
+`calofm.evaluate.fidelity` against them; and the cost per shower (CPU time of this process and wall time, the
+median of --repeats runs over one batch; the onnxruntime graph is exported once, before the timing). Writes OUT.md
+and OUT.json.
 
     calofm data synth --all -n 3000 --seed 2 --out data/test
     python scripts/bench_precision.py --model calodit-tiny-standin-cd --reference data/test --out benchmarks/precision
+    python scripts/bench_precision.py ... --backend torch onnxruntime   # the variants side by side
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True, help="OUT.md and OUT.json")
+    ap.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "onnxruntime"],
+                    help="backends to measure (onnxruntime: fp32 and int8)")
     ap.add_argument("--eval-dir", help="keep the evaluation reports here (default: a temporary folder)")
     args = ap.parse_args()
 
     from calofm.data.formats import open_showers
     from calofm.evaluate.fidelity import NOTE, fidelity, table
-    from calofm.generate import PRECISIONS, generate_showers, with_precision
+    from calofm.generate import PRECISIONS, generate_showers, with_backend
     from calofm.hub import load_model
 
     torch.set_num_threads(args.threads)
@@ -46,8 +51,10 @@ def main() -> None:
     out = Path(args.out)
     base = load_model(args.model)
     results = {}
-    for precision in PRECISIONS:
-        model = with_precision(base, precision)
+    variants = [(b, p) for b in args.backend for p in PRECISIONS if not (b == "onnxruntime" and p == "bf16")]
+    for backend, precision in variants:
+        name = precision if args.backend == ["torch"] else f"{backend} {precision}"
+        model = with_backend(base, backend, precision, detector=args.detectors[0])  # quantised or exported once
         summary, cost = {}, {}
         for det in args.detectors:
             with open_showers(Path(args.reference) / f"{det}.h5") as f:
@@ -56,19 +63,22 @@ def main() -> None:
             b = slice(0, args.batch)
             for _ in range(args.repeats):
                 t0, c0 = time.perf_counter(), time.process_time()
-                generate_showers(model, det, ref.energy[b], ref.theta[b], ref.phi[b], seed=1, precision=precision)
+                generate_showers(model, det, ref.energy[b], ref.theta[b], ref.phi[b], seed=1, precision=precision,
+                                 backend=backend)
                 wall.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
             cost[det] = {"cpu_ms": 1e3 * statistics.median(cpu) / args.batch,
                          "wall_ms": 1e3 * statistics.median(wall) / args.batch,
                          "wall_ms_min": 1e3 * min(wall) / args.batch}
-            gen = generate_showers(model, det, ref.energy, ref.theta, ref.phi, seed=1, precision=precision)
-            summary[det] = fidelity(ref, gen, Path(eval_dir) / precision / det, det)
-            print(precision, det, f"FPD x1e3 {summary[det]['fpd']['value'] * 1e3:.3g}", cost[det], flush=True)
-        results[precision] = {"summary": summary, "cost": cost}
+            gen = generate_showers(model, det, ref.energy, ref.theta, ref.phi, seed=1, precision=precision,
+                                   backend=backend)
+            summary[det] = fidelity(ref, gen, Path(eval_dir) / name.replace(" ", "-") / det, det)
+            print(name, det, f"FPD x1e3 {summary[det]['fpd']['value'] * 1e3:.3g}", cost[det], flush=True)
+        results[name] = {"summary": summary, "cost": cost}
 
     lines = [f"# `calofm generate --precision` (model `{args.model}`)", "",
-             f"Command: `python {' '.join(sys.argv)}`; {args.threads} torch thread(s), load average "
+             f"Command: `python {' '.join(sys.argv)}`; {args.threads} torch (and onnxruntime) thread(s), load "
+             "average "
              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end. Same noise (seed 1) at every precision. "
              f"Cost: median of {args.repeats} runs of one batch of {args.batch} (CPU time of this process beside "
              "wall time; the machine is shared, so compare ratios within this table).", ""]
