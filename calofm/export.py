@@ -8,6 +8,10 @@ graph runs the very code eager generation runs), the inverse preprocessing and t
 Both formats come from one trace (`torch.jit.trace`; ONNX through torch's TorchScript-based exporter): the sampler
 loop unrolls into constants, which torch.export cannot do for the Heun step's branch on its noise level.
 
+`precision` int8 (ONNX only) is onnxruntime's dynamic quantisation of the graph: int8 weights, activations
+quantised per batch at run time. `onnx_graph` builds the same graph in memory for `calofm generate --backend
+onnxruntime`.
+
 Contract slots a model has no detector for (a pretrained model has no 'new' detector) give empty showers
 (all zeros) rather than showers from an untrained one-hot; the export warns and the contract JSON marks them.
 """
