@@ -90,6 +90,21 @@ class TrainConfig:
 
 
 @dataclass
+class EDMConfig:
+    """EDM's data scale and training distribution of noise levels (Karras et al. 2022, table 1): ln sigma ~
+    N(p_mean, p_std^2). Saved with the model (`sigma_data` in its sampler config); benchmarks/fidelity.md measures
+    other values."""
+    sigma_data: float = 0.5            # the normalised showers have std 1; EDM's 0.5 measured better
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def __post_init__(self):
+        _between(self, "edm", "sigma_data", 0.0, math.inf, low_open=True)
+        _between(self, "edm", "p_mean", -math.inf, math.inf)
+        _between(self, "edm", "p_std", 0.0, math.inf, low_open=True)
+
+
+@dataclass
 class DistillConfig:
     teacher: str = ""                  # EDM model folder or Hub repo id
     n_boundaries: int = 32             # N of the Karras discretisation
@@ -119,6 +134,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 

@@ -19,6 +19,8 @@ def test_recipe_and_overrides_are_typed(tmp_path):
     ("model.preset=[a]", "model.preset: expected str"),
     ("train=3", "train: expected a mapping"),
     ("nokey", "dotted.key=value"),
+    ("edm.p_std=0", r"edm.p_std must be a finite number in \(0, inf\), got 0"),
+    ("edm.sigma_data=-0.5", r"edm.sigma_data must be a finite number in \(0, inf\)"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

@@ -53,6 +53,22 @@ def test_loss_falls_and_model_is_saved(tiny_edm):
     assert (tiny_edm.parent / "config.yaml").exists()
 
 
+def test_edm_section_of_the_recipe_is_what_trains_and_samples(data_dir, tmp_path):
+    """`edm.sigma_data` reaches the loss (another value, another first loss) and the saved sampler config."""
+    from calofm.config import load_config
+    from calofm.train.pretrain import pretrain
+
+    losses = {}
+    for sd in (0.5, 1.0):
+        cfg = load_config(None, [f"data.dir={data_dir}", f"output_dir={tmp_path / str(sd)}", "train.steps=2",
+                                 "train.batch_size=8", "model.patch=[3,4,5]", f"edm.sigma_data={sd}",
+                                 "edm.p_mean=-0.4", "edm.p_std=1.0", "train.log_every=1"])
+        model = CaloDiT.from_pretrained(pretrain(cfg))
+        assert model.sampler["sigma_data"] == sd
+        losses[sd] = json.loads((tmp_path / str(sd) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert losses[0.5] != pytest.approx(losses[1.0], rel=1e-3)
+
+
 def test_killed_run_resumes_to_identical_weights(data_dir, tmp_path):
     reference = cli(*pretrain_args(data_dir, tmp_path / "a"))
     killed = cli(*pretrain_args(data_dir, tmp_path / "b"))

@@ -58,14 +58,15 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     files = find_detector_files(cfg.data.dir, cfg.data.detectors)
     normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit)
     slot_map = default_slot_map(cfg.data.detectors)
+    params = EDMParams(sigma_data=cfg.edm.sigma_data, P_mean=cfg.edm.p_mean, P_std=cfg.edm.p_std)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, n_slots=len(slot_map) + cfg.model.n_free_slots, slot_map=slot_map,
-                        normalizer=normalizer.to_dict(), objective="edm", sampler=edm_sampler(EDMParams()),
+                        normalizer=normalizer.to_dict(), objective="edm", sampler=edm_sampler(params),
                         provenance={"stage": "pretrain", "detectors": list(slot_map), "steps": cfg.train.steps,
                                     "data": canonical_source(cfg.data.dir)})
     if resume and latest_checkpoint(cfg.output_dir) is None:
         accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
-    ema = train(cfg, model, EDMObjective(), files, normalizer, accelerator=accelerator, resume=resume,
+    ema = train(cfg, model, EDMObjective(params), files, normalizer, accelerator=accelerator, resume=resume,
                 desc="pretrain")
     out = Path(cfg.output_dir) / "model"
     if accelerator.is_main_process:
