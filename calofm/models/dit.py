@@ -56,7 +56,8 @@ def timestep_embedding(c_noise: torch.Tensor, dim: int, scale: float = 1000.0) -
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x * (1 + scale) + shift in one pass over x (addcmul), per sample over the tokens."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class Attention(nn.Module):
@@ -94,8 +95,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(F.silu(c)).chunk(6, dim=1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = torch.addcmul(x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1)))  # gated residuals
+        return torch.addcmul(x, gate2[:, None], self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):
@@ -199,7 +200,9 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, 9, 16, 45), c_noise (B,), cond (B, N_COND + n_slots [+ 1: the encoded deposit]) -> (B, 9, 16, 45)."""
-        h = rearrange(self.patch_embed(x[:, None]), "b c r p z -> b (r p z) c") + self.pos_embed
+        # contiguous tokens: the conv's output viewed as (b, n, c) keeps channel-first strides, which every later
+        # element-wise op would inherit, so each LayerNorm over c would read strided memory and copy
+        h = rearrange(self.patch_embed(x[:, None]), "b c r p z -> b (r p z) c").contiguous() + self.pos_embed
         c = torch.cat([self.t_embed(timestep_embedding(c_noise, 256)), self.cond_embed(cond)], 1)
         for block in self.blocks:
             h = block(h, c)
