@@ -202,7 +202,8 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
              conditions: Path | None = typer.Option(None, "--conditions",
                                                        help="Take (E, theta, phi) from this shower file."),
              steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the model's)."),
-             batch_size: int = typer.Option(256, "--batch-size", min=1, help="Showers per forward pass."),
+             batch_size: int = typer.Option(64, "--batch-size", min=1, help="Showers per forward pass (64: measured "
+                                            "on CPUs, benchmarks/generation.md; e.g. --batch-size 1024 on a GPU)."),
              seed: int = typer.Option(0, "--seed", help="Shower i's noise depends only on (seed, i)."),
              fmt: Literal["lemurs", "calochallenge"] = typer.Option("lemurs", "--format", help="Output file format."),
              threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads (default: torch's "

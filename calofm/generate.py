@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from calofm.diffusion import sample, sampler_steps
 from calofm.geometry import SHAPE
 
 PRECISIONS = ("fp32", "bf16", "int8")
+# Showers per forward pass: on a CPU the cost per shower is flat from batch 16 to 256, but at 256 the allocator's
+# page faults cost half the compute again in system time (benchmarks/generation.md); raise it on a GPU.
+DEFAULT_BATCH = 64
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -36,6 +41,23 @@ def with_precision(model, precision: str):
                                                            dtype=torch.qint8)
     quantized.calofm_int8 = True
     return quantized
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for the next batch instead of handing it back to the OS and faulting
+    its pages in again (mallopt, as the MALLOC_*_ environment variables would at start-up): at batch 64 this took
+    system time from 10 % to 2 % of user time (benchmarks/generation.md). A no-op off glibc, or with
+    CALOFM_MALLOPT=0 (for comparison)."""
+    if os.environ.get("CALOFM_MALLOPT") == "0":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: a batch's buffers come from the heap, not mmap
+    libc.mallopt(m_trim_threshold, 4 << 30)  # and stay there when freed
+    libc.mallopt(m_top_pad, 256 << 20)
 
 
 def detector_slot(model, detector: str) -> int:
@@ -115,9 +137,9 @@ def shower_noise(seed: int, index: np.ndarray, steps: int, multistep: bool, devi
 
 
 @torch.no_grad()
-def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | None = None, batch_size: int = 256,
-                     seed: int = 0, first_index: int = 0, precision: str = "fp32", backend: str = "torch",
-                     progress: Callable[[int], None] | None = None) -> Showers:
+def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | None = None,
+                     batch_size: int = DEFAULT_BATCH, seed: int = 0, first_index: int = 0, precision: str = "fp32",
+                     backend: str = "torch", progress: Callable[[int], None] | None = None) -> Showers:
     """One shower per (energy MeV, theta, phi); the model's own sampler (EDM Heun or CD) and step default.
     Shower i's noise depends only on (seed, first_index + i). `precision`: fp32, bf16 (autocast) or int8
     (`with_precision`). `backend` onnxruntime runs the exported Par04 graph on the same noise (fp32 or int8;
@@ -186,7 +208,7 @@ def _conditions_of(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energy_gev: float | None = None,
                      theta: float | None = None, phi: float | None = None, conditions=None,
-                     steps: int | None = None, batch_size: int = 256, seed: int = 0, fmt: str = "lemurs",
+                     steps: int | None = None, batch_size: int = DEFAULT_BATCH, seed: int = 0, fmt: str = "lemurs",
                      precision: str = "fp32", backend: str = "torch"):
     """The `calofm generate` job: conditions, split over processes (torchrun), streamed into one file. The model
     is quantised or exported (`with_backend`) once, before the first batch.
@@ -201,6 +223,7 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
     from calofm.hub import load_model
     from calofm.progress import progress
 
+    keep_freed_memory()
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model = load_model(model_ref)

@@ -1,7 +1,10 @@
 """Sampling speed: EDM (32 Heun steps = 63 network evaluations) vs the distilled consistency model (1 step).
 
 Latency per shower at batch 1 with one thread (the paper's CPU setting: EDM 6.3 s, CD 101 ms), measured end to
-end through `calofm.diffusion.sample`; then throughput at larger batches with --threads (default 1). Every figure
+end through `calofm.diffusion.sample`; then throughput at larger batches with --threads (default 1). Beside them,
+in the same process: the one-thread matmul peak (GFLOP/s of a 1024^3 fp32 matmul) and the CD network's FLOPs
+(`torch.utils.flop_counter`), so the batch-1 CD evaluation is reported as a fraction of what this CPU can do, and
+the CPU time per shower at each batch relative to batch 1 on one thread (it should not grow with the batch). Every figure
 is the median of --repeats runs, with the minimum wall time and the median CPU time of this process beside it
 (on a shared machine CPU time is what the work costs; wall time adds the waiting), and the load average is
 recorded. Writes --out afresh (default benchmarks/sampling.md). At large
@@ -80,6 +83,21 @@ def inputs(model: CaloDiT, batch: int, device: torch.device):
     return noise, cond.to(device)
 
 
+def matmul_peak(repeats: int) -> float:
+    """One-thread fp32 matmul GFLOP/s (1024^3, median of `repeats` by CPU time): the ceiling for dense layers."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024**3 / timed(torch.device("cpu"), repeats, torch.mm, a, b)["cpu"] / 1e9
+
+
+def network_flops(model: CaloDiT, noise: torch.Tensor, cond: torch.Tensor) -> int:
+    """FLOPs of one network evaluation as torch's flop counter counts them (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        sample(model, noise, cond, steps=1)
+    return counter.get_total_flops()
+
+
 @torch.inference_mode()
 def run(preset: str, batches: list[int], repeats: int, device: torch.device, threads: int) -> dict:
     torch.manual_seed(0)
@@ -96,6 +114,13 @@ def run(preset: str, batches: list[int], repeats: int, device: torch.device, thr
         "edm_est": {k: EDM_EVALS * v for k, v in one.items()},
         "cd": timed(device, repeats, sample, cd, noise, cond, steps=1),
     }
+    efficiency = {}
+    if device.type == "cpu":  # one thread: the per-shower cost against the batch, and against the matmul peak
+        flops = network_flops(cd, noise, cond)
+        efficiency = {"peak": matmul_peak(repeats), "flops": flops, "per_shower": []}
+        for b in batches:
+            t = timed(device, max(1, repeats // 4), sample, cd, *inputs(edm, b, device), steps=1)
+            efficiency["per_shower"].append({"batch": b, "cpu": t["cpu"] / b})
     torch.set_num_threads(threads)
     throughput = []
     for b in batches:
@@ -105,7 +130,7 @@ def run(preset: str, batches: list[int], repeats: int, device: torch.device, thr
         t_cd = timed(device, max(1, repeats // 4), sample, cd, noise, cond, steps=1)
         throughput.append({"batch": b, "edm": b / (EDM_EVALS * t_eval["wall"]), "cd": b / t_cd["wall"],
                            "edm_cpu": b / (EDM_EVALS * t_eval["cpu"]), "cd_cpu": b / t_cd["cpu"]})
-    return {"latency": latency, "throughput": throughput, "threads": threads,
+    return {"latency": latency, "throughput": throughput, "threads": threads, "efficiency": efficiency,
             "params": sum(p.numel() for p in edm.parameters())}
 
 
@@ -135,7 +160,22 @@ def report(r: dict, preset: str, device: torch.device) -> str:
         f"Throughput, {r['threads']} torch thread(s) (EDM: {EDM_EVALS} x one timed evaluation at that batch; showers "
         "per second of wall time, of CPU time in brackets):\n\n"
         "| batch | EDM showers/s | CD showers/s | CD / EDM |\n|---|---|---|---|\n"
-        f"{rows}\n")
+        f"{rows}\n" + efficiency_report(r["efficiency"], lat["cd"]["cpu"]))
+
+
+def efficiency_report(e: dict, cd_cpu: float) -> str:
+    """The batch-1 CD evaluation against the one-thread matmul peak, and CPU time per shower against the batch."""
+    if not e:
+        return ""
+    rate = e["flops"] / cd_cpu / 1e9
+    rows = "\n".join(f"| {t['batch']} | {t['cpu'] * 1e3:.1f} | {t['cpu'] / cd_cpu:.2f} |" for t in e["per_shower"])
+    return (
+        f"\nOne thread, CPU time: one CD evaluation is {e['flops'] / 1e9:.2f} GFLOP (torch's flop counter: matmuls "
+        f"and convolutions; it does not count the attention's softmax), {cd_cpu * 1e3:.1f} ms at batch 1 = "
+        f"{rate:.1f} GFLOP/s, **{rate / e['peak']:.0%}** of the {e['peak']:.1f} GFLOP/s one-thread matmul peak "
+        "measured in the same run (1024^3 fp32 `torch.mm`).\n\n"
+        "| batch | CD CPU ms / shower | relative to batch 1 |\n|---|---|---|\n"
+        f"| 1 | {cd_cpu * 1e3:.1f} | 1.00 |\n{rows}\n")
 
 
 def main() -> None:

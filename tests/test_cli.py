@@ -28,3 +28,10 @@ def test_version_comes_from_the_package_metadata():
     import calofm
 
     assert version("calofm") == calofm.__version__
+
+
+def test_generate_batch_default_is_the_librarys():
+    from calofm.generate import DEFAULT_BATCH
+
+    cmd = dict(commands(typer.main.get_command(app)))["generate"]
+    assert next(p.default for p in cmd.params if p.name == "batch_size") == DEFAULT_BATCH
