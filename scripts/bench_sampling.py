@@ -98,6 +98,25 @@ def network_flops(model: CaloDiT, noise: torch.Tensor, cond: torch.Tensor) -> in
     return counter.get_total_flops()
 
 
+def variants(preset: str, repeats: int) -> dict:
+    """CPU time of one CD shower at batch 1, one thread, end to end through `calofm.generate.generate_showers`
+    (deposit net, network, inverse preprocessing) for every backend and precision: a `preset` network with
+    random weights under the shipped model's normaliser and slot map, so the graph is what a user runs."""
+    from calofm.generate import generate_showers, with_backend
+    from calofm.hub import load_model
+
+    shipped = load_model("calodit-tiny-standin-cd")
+    model = CaloDiT.from_preset(preset, objective="cd", n_slots=shipped.n_slots, slot_map=shipped.slot_map,
+                                normalizer=shipped.normalizer, sampler=shipped.sampler).eval()
+    out = {}
+    for backend, precision in (("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"), ("onnxruntime", "fp32"),
+                               ("onnxruntime", "int8")):
+        run = with_backend(model, backend, precision)
+        out[f"{backend} {precision}"] = timed(torch.device("cpu"), repeats, generate_showers, run, "odd", [5e4],
+                                              [1.57], [0.3], batch_size=1, precision=precision, backend=backend)
+    return out
+
+
 @torch.inference_mode()
 def run(preset: str, batches: list[int], repeats: int, device: torch.device, threads: int) -> dict:
     torch.manual_seed(0)
@@ -121,6 +140,7 @@ def run(preset: str, batches: list[int], repeats: int, device: torch.device, thr
         for b in batches:
             t = timed(device, max(1, repeats // 4), sample, cd, *inputs(edm, b, device), steps=1)
             efficiency["per_shower"].append({"batch": b, "cpu": t["cpu"] / b})
+        efficiency["variants"] = variants(preset, repeats)
     torch.set_num_threads(threads)
     throughput = []
     for b in batches:
@@ -175,7 +195,17 @@ def efficiency_report(e: dict, cd_cpu: float) -> str:
         f"{rate:.1f} GFLOP/s, **{rate / e['peak']:.0%}** of the {e['peak']:.1f} GFLOP/s one-thread matmul peak "
         "measured in the same run (1024^3 fp32 `torch.mm`).\n\n"
         "| batch | CD CPU ms / shower | relative to batch 1 |\n|---|---|---|\n"
-        f"| 1 | {cd_cpu * 1e3:.1f} | 1.00 |\n{rows}\n")
+        f"| 1 | {cd_cpu * 1e3:.1f} | 1.00 |\n{rows}\n" + variants_report(e["variants"]))
+
+
+def variants_report(v: dict) -> str:
+    base = v["torch fp32"]["cpu"]
+    rows = "\n".join(f"| {k} | {t['cpu'] * 1e3:.1f} | {t['wall'] * 1e3:.1f} | {base / t['cpu']:.2f}x |"
+                     for k, t in v.items())
+    return ("\nOne CD shower end to end (`generate_showers`, batch 1, one thread; deposit net, network and inverse "
+            "preprocessing) per backend and precision, in this run (fidelity of each on the trained model: "
+            "benchmarks/precision.md):\n\n| backend precision | CPU ms | wall ms | speed-up vs torch fp32 (CPU) |\n"
+            f"|---|---|---|---|\n{rows}\n")
 
 
 def main() -> None:
