@@ -179,6 +179,20 @@ def test_a_pickle_named_model_safetensors_is_one_line(tiny_edm, tmp_path):
     assert len(out.strip().splitlines()) == 1
 
 
+def test_weights_of_another_network_are_one_line(tiny_edm, tmp_path):
+    """A folder whose weights do not fit the network its config.json builds (an older calofm's, or a mix-up)."""
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_edm, bad)
+    weights = load_file(bad / "model.safetensors")
+    weights["cond_embed.0.weight"] = weights["cond_embed.0.weight"][:, :10].contiguous()
+    save_file(weights, str(bad / "model.safetensors"))
+    out = cli_error("info", str(bad))
+    assert out.startswith("error: ") and "model.safetensors: the weights do not fit the network" in out
+    assert "cond_embed.0.weight" in out and len(out.strip().splitlines()) == 1
+
+
 def test_an_unknown_key_in_config_json_is_refused(tiny_edm, tmp_path):
     bad = tmp_path / "model"
     shutil.copytree(tiny_edm, bad)

@@ -255,6 +255,11 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         except SafetensorError as e:
             raise ValueError(f"{model_file}: not a readable safetensors file ({e}); a pickle renamed, or a "
                              "truncated download?") from None
+        except RuntimeError as e:  # torch's size / key mismatch: weights of another network than config.json's
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+            raise ValueError(f"{model_file}: the weights do not fit the network this calofm builds from its "
+                             f"config.json ({detail}); saved by another calofm version? Retrain, or delete the "
+                             "folder so the run makes it again") from None
 
     @classmethod
     def _load_as_pickle(cls, model, model_file, map_location, strict):
