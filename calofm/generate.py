@@ -13,6 +13,8 @@ import torch
 from calofm.data.formats import Showers
 from calofm.data.transforms import Normalizer, encode_conditions
 from calofm.diffusion import sample, sampler_steps
+from calofm.export import CONTRACT_SLOTS, INPUT_LAYOUT
+from calofm.export import PRECISIONS as EXPORT_PRECISIONS
 from calofm.geometry import SHAPE
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -20,6 +22,8 @@ PRECISIONS = ("fp32", "bf16", "int8")
 # page faults cost half the compute again in system time (benchmarks/generation.md); raise it on a GPU.
 DEFAULT_BATCH = 64
 BACKENDS = ("torch", "onnxruntime")
+# what each backend runs: onnxruntime runs the exported graph, so the precisions it can be exported at
+BACKEND_PRECISIONS = {"torch": PRECISIONS, "onnxruntime": EXPORT_PRECISIONS}
 
 
 def with_precision(model, precision: str):
@@ -77,9 +81,9 @@ class OrtGenerator:
 
         from calofm.export import ORT_PROVIDERS, onnx_graph
 
-        if precision not in ("fp32", "int8"):
-            raise ValueError(f"precision {precision} is not supported by the onnxruntime backend (fp32, int8); "
-                             "use backend torch for it")
+        if precision not in BACKEND_PRECISIONS["onnxruntime"]:
+            raise ValueError(f"precision {precision} is not supported by the onnxruntime backend "
+                             f"({', '.join(BACKEND_PRECISIONS['onnxruntime'])}); use backend torch for it")
         self.model, self.precision, self.steps = model, precision, sampler_steps(model, steps)
         graph, self.slots = onnx_graph(model, steps=self.steps, new_detector=new_detector, precision=precision)
         on_cuda = next(model.parameters()).is_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
@@ -89,8 +93,6 @@ class OrtGenerator:
 
     def contract_slot(self, detector: str) -> int:
         """The contract one-hot index the graph generates `detector` with."""
-        from calofm.export import CONTRACT_SLOTS
-
         for i, name in enumerate(CONTRACT_SLOTS):
             if self.slots[name] == detector:
                 return i
@@ -117,8 +119,6 @@ def with_backend(model, backend: str = "torch", precision: str = "fp32", steps: 
         return with_precision(base, precision)
     if isinstance(model, OrtGenerator) and (model.precision, model.steps) == (precision, sampler_steps(base, steps)):
         return model
-    from calofm.export import CONTRACT_SLOTS
-
     adapted = detector if detector is not None and detector not in CONTRACT_SLOTS[:-1] else None
     return OrtGenerator(base, precision, steps, new_detector=adapted)
 
@@ -184,7 +184,7 @@ def _generate_ort(run: OrtGenerator, detector: str, energy: np.ndarray, theta: n
     out = []
     for start in range(0, len(energy), batch_size):
         sl = slice(start, start + batch_size)
-        x = np.zeros((len(energy[sl]), 8), np.float32)
+        x = np.zeros((len(energy[sl]), len(INPUT_LAYOUT)), np.float32)
         x[:, 0], x[:, 1], x[:, 2], x[:, 3 + slot] = energy[sl] / 1000.0, phi[sl], theta[sl], 1.0
         index = first_index + np.arange(start, start + len(x))
         noise, deposit_noise, _ = shower_noise(seed, index, run.steps, False, "cpu")  # re-noising: the graph's own

@@ -43,7 +43,7 @@ def main() -> None:
 
     from calofm.data.formats import open_showers
     from calofm.evaluate.fidelity import NOTE, fidelity, table
-    from calofm.generate import PRECISIONS, generate_showers, with_backend
+    from calofm.generate import BACKEND_PRECISIONS, generate_showers, with_backend
     from calofm.hub import load_model
 
     torch.set_num_threads(args.threads)
@@ -51,7 +51,7 @@ def main() -> None:
     out = Path(args.out)
     base = load_model(args.model)
     results = {}
-    variants = [(b, p) for b in args.backend for p in PRECISIONS if not (b == "onnxruntime" and p == "bf16")]
+    variants = [(b, p) for b in args.backend for p in BACKEND_PRECISIONS[b]]
     for backend, precision in variants:
         name = precision if args.backend == ["torch"] else f"{backend} {precision}"
         model = with_backend(base, backend, precision, detector=args.detectors[0])  # quantised or exported once

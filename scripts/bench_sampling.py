@@ -102,15 +102,14 @@ def variants(preset: str, repeats: int) -> dict:
     """CPU time of one CD shower at batch 1, one thread, end to end through `calofm.generate.generate_showers`
     (deposit net, network, inverse preprocessing) for every backend and precision: a `preset` network with
     random weights under the shipped model's normaliser and slot map, so the graph is what a user runs."""
-    from calofm.generate import generate_showers, with_backend
+    from calofm.generate import BACKEND_PRECISIONS, generate_showers, with_backend
     from calofm.hub import load_model
 
     shipped = load_model("calodit-tiny-standin-cd")
     model = CaloDiT.from_preset(preset, objective="cd", n_slots=shipped.n_slots, slot_map=shipped.slot_map,
                                 normalizer=shipped.normalizer, sampler=shipped.sampler).eval()
     out = {}
-    for backend, precision in (("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"), ("onnxruntime", "fp32"),
-                               ("onnxruntime", "int8")):
+    for backend, precision in ((b, p) for b, ps in BACKEND_PRECISIONS.items() for p in ps):
         run = with_backend(model, backend, precision)
         out[f"{backend} {precision}"] = timed(torch.device("cpu"), repeats, generate_showers, run, "odd", [5e4],
                                               [1.57], [0.3], batch_size=1, precision=precision, backend=backend)
