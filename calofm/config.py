@@ -111,6 +111,7 @@ class DistillConfig:
     n_boundaries: int = 32             # N of the Karras discretisation
     mu: float = 0.95                   # target-network EMA
     sample_steps: int = 1              # sampler default saved with the student
+    student_depth: int | None = None   # None: the teacher's; fewer: a depth-pruned student (distill.pruned_blocks)
 
 
 @dataclass

@@ -8,14 +8,14 @@ import torch
 from typer.testing import CliRunner
 
 from calofm.cli import app
-from calofm.config import load_config
+from calofm.config import EDMConfig, load_config
 from calofm.data.formats import open_showers
 from calofm.data.loader import detector_response, find_detector_files, fit_normalizer
 from calofm.data.transforms import N_COND, Normalizer, encode_conditions
 from calofm.diffusion.edm import EDMParams
 from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
-from calofm.train.adapt import adapt, allocate_slot, resolve_pretrained, select_trainable
+from calofm.train.adapt import adapt, allocate_slot, resolve_pretrained, select_trainable, training_params
 from calofm.train.distill import cd_sampler
 from calofm.train.loop import save_model
 from calofm.train.pretrain import edm_sampler
@@ -74,6 +74,17 @@ def test_allocate_slot_takes_lowest_free_and_refuses_clearly():
         allocate_slot({"a": 0, "new": 3}, 4, "new", source="M")
     with pytest.raises(ValueError, match=r"no free one-hot slot in M: all 2 slots are taken"):
         allocate_slot({"a": 0, "b": 1}, 2, "new", source="M")
+
+
+def test_adaptation_trains_with_the_recipes_noise_levels_and_keeps_the_models_sigma_data(pretrained, data_dir,
+                                                                                      tmp_path):
+    base = EDMParams(sigma_data=0.5, sigma_max=60.0)
+    p = training_params(base, EDMConfig(p_mean=-0.4, p_std=1.0), "M")
+    assert (p.P_mean, p.P_std, p.sigma_data, p.sigma_max) == (-0.4, 1.0, 0.5, 60.0)
+    with pytest.raises(ValueError, match=r"edm.sigma_data=1.0, but M was trained with sigma_data=0.5"):
+        training_params(base, EDMConfig(sigma_data=1.0), "M")
+    with pytest.raises(ValueError, match=r"edm.sigma_data=0.25, but .*edm was trained with sigma_data=0.5"):
+        run_adapt(pretrained, data_dir, tmp_path / "out", "fccee_allegro", "full", "edm.sigma_data=0.25")
 
 
 def test_resolve_pretrained_layouts(pretrained, tmp_path):

@@ -177,3 +177,29 @@ def test_distill_refuses_a_missing_or_non_edm_teacher(distilled, data_dir, tmp_p
         distill(distill_cfg(data_dir, "", tmp_path / "a", 2))
     with pytest.raises(ValueError, match="must be an EDM model"):
         distill(distill_cfg(data_dir, distilled, tmp_path / "b", 2))
+
+
+def test_depth_pruned_student_starts_from_every_other_teacher_block_and_distils(data_dir, tiny_edm, tmp_path):
+    """distill.student_depth=1 from the 2-block teacher: block 0 and every non-block weight are the teacher's, the
+    loss falls, and the saved 1-block model loads and samples; depths outside [1, teacher's] are refused."""
+    from calofm.train.distill import pruned_blocks
+
+    assert pruned_blocks(6, 3) == [0, 2, 4] and pruned_blocks(6, 2) == [0, 3] and pruned_blocks(2, 1) == [0]
+    with pytest.raises(ValueError, match=r"distill.student_depth must be in \[1, 2\].*got 3"):
+        pruned_blocks(2, 3)
+    teacher = CaloDiT.from_pretrained(tiny_edm)
+    student = student_from(teacher, 1)
+    assert student.depth == 1 and len(student.blocks) == 1
+    t = teacher.state_dict()
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, t[k]), k  # blocks.0.* is the teacher's blocks.0.*
+
+    out = distill(distill_cfg(data_dir, tiny_edm, tmp_path / "pruned", 40, **{"distill.student_depth": 1}))
+    losses = [json.loads(line)["loss"] for line in (out.parent / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+    model = CaloDiT.from_pretrained(out)
+    assert model.depth == 1 and model.provenance["student_blocks"] == [0]
+    cond = torch.zeros(2, N_COND + model.n_slots)
+    cond[:, 4] = 1
+    x, _ = sample(model, torch.randn(2, 9, 16, 45), cond)
+    assert x.shape == (2, 9, 16, 45) and torch.isfinite(x).all()

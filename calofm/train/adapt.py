@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calofm.config import RunConfig
+from calofm.config import EDMConfig, RunConfig
 from calofm.data.formats import open_showers
 from calofm.data.loader import detector_response, find_detector_files
 from calofm.data.transforms import Normalizer
 from calofm.diffusion import sampler_params
+from calofm.diffusion.edm import EDMParams
 from calofm.geometry import get_detector
 from calofm.hub import load_model
 from calofm.io import atomic_dir
@@ -47,6 +48,15 @@ MODES = ("full", "lora", "conditioning")
 # (recipes/adapt-paper.yaml) keeps the paper's 1e-4.
 DEFAULT_LR = 1e-3
 SLOT_LAYER = "cond_embed.0"  # the Linear that reads [E, theta, phi, one-hot]: trains in every mode
+
+
+def training_params(base: EDMParams, edm: EDMConfig, ref: str) -> EDMParams:
+    """The pretrained model's sigma_data and noise levels (its preconditioning and sampler, fixed by its weights)
+    with the recipe's training distribution of noise levels (`edm.p_mean`, `edm.p_std`), as in pretraining."""
+    if edm.sigma_data != base.sigma_data:
+        raise ValueError(f"edm.sigma_data={edm.sigma_data}, but {ref} was trained with sigma_data={base.sigma_data}, "
+                         "which its preconditioning fixes: drop edm.sigma_data from the recipe")
+    return dataclasses.replace(base, P_mean=edm.p_mean, P_std=edm.p_std)
 
 
 def resolve_pretrained(pretrained: str, pretrained_cd: str = "") -> tuple[str, str | None]:
@@ -186,7 +196,8 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         torch.manual_seed(cfg.train.seed)
         net = select_trainable(base.with_config(slot_map=slot_map, normalizer=normalizer.to_dict(), provenance={
             **provenance, "stage": "adapt-edm", "steps": stage.train.steps}), a.mode, **lora)
-        trained = train(stage, net, EDMObjective(sampler_params(base)), files, normalizer, accelerator=accelerator, resume=resume,
+        objective = EDMObjective(training_params(sampler_params(base), cfg.edm, edm_ref))
+        trained = train(stage, net, objective, files, normalizer, accelerator=accelerator, resume=resume,
                         desc=f"adapt EDM ({a.mode})")
         edm = finish(trained, edm_dir, out / "adapters" / "edm", accelerator.is_main_process)
         accelerator.wait_for_everyone()

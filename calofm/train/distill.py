@@ -60,9 +60,27 @@ class CDObjective:
         return [self.target.model]
 
 
-def student_from(teacher: CaloDiT, **config) -> CaloDiT:
-    """A consistency model of the teacher's architecture, slot map and normaliser, starting from its weights."""
-    return teacher.with_config(**{"objective": "cd", "sampler": {}, "provenance": {}, **config})
+def pruned_blocks(depth: int, keep: int) -> list[int]:
+    """The teacher blocks a `keep`-block student starts from: every (depth / keep)-th, as DistilBERT takes every
+    other layer of BERT (6 -> 3: 0, 2, 4; 2 -> 1: 0). The embeddings, final layer and deposit net are all kept."""
+    if not 1 <= keep <= depth:
+        raise ValueError(f"distill.student_depth must be in [1, {depth}] (the teacher's depth), got {keep}")
+    return [i * depth // keep for i in range(keep)]
+
+
+def student_from(teacher: CaloDiT, depth: int | None = None, **config) -> CaloDiT:
+    """A consistency model of the teacher's architecture, slot map and normaliser, starting from its weights; with
+    `depth` below the teacher's, of that many blocks (`pruned_blocks`): one network evaluation costs less."""
+    config = {"objective": "cd", "sampler": {}, "provenance": {}, **config}
+    if depth is None or depth == teacher.depth:
+        return teacher.with_config(**config)
+    keep = pruned_blocks(teacher.depth, depth)
+    student = CaloDiT(**{**teacher._hub_mixin_config, **config, "depth": depth})
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("blocks.")}
+    for i, j in enumerate(keep):  # student block i <- teacher block keep[i]
+        state.update({f"blocks.{i}.{k}": v for k, v in teacher.blocks[j].state_dict().items()})
+    student.load_state_dict(state)
+    return student
 
 
 def distill(cfg: RunConfig, resume: bool = False) -> Path:
@@ -83,10 +101,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> Path:
     detectors = list(cfg.data.detectors) or sorted(teacher.slot_map, key=teacher.slot_map.get)
     files = find_detector_files(cfg.data.dir, detectors)
     params = sampler_params(teacher)
-    student = student_from(teacher, sampler=cd_sampler(d.sample_steps, params), provenance={
+    student = student_from(teacher, d.student_depth, sampler=cd_sampler(d.sample_steps, params), provenance={
         "stage": "distill", "teacher": str(d.teacher), "teacher_provenance": teacher.provenance,
         "detectors": detectors, "steps": cfg.train.steps, "n_boundaries": d.n_boundaries, "mu": d.mu,
-        "weights": "target network (EMA of the student)", "data": str(cfg.data.dir)})
+        "weights": "target network (EMA of the student)", "data": str(cfg.data.dir),
+        **({"student_blocks": pruned_blocks(teacher.depth, d.student_depth)} if d.student_depth else {})})
     teacher.to(accelerator.device)
     student.to(accelerator.device)
     objective = CDObjective(teacher, student, d.n_boundaries, d.mu, params)
