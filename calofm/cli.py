@@ -100,13 +100,15 @@ def data_inspect(
 
 @data_app.command("convert")
 def data_convert(
-    src: Path = typer.Argument(..., metavar="IN", help="Shower file, LEMURS or CaloChallenge (auto-detected)."),
+    src: Path = typer.Argument(..., metavar="IN",
+                               help="Shower file, LEMURS, CaloChallenge or point cloud (auto-detected)."),
     dst: Path = typer.Argument(..., metavar="OUT", help="File to write (atomically)."),
-    to: Literal["lemurs", "calochallenge"] = typer.Option(..., "--to", help="Output format."),
+    to: Literal["lemurs", "calochallenge", "pointcloud"] = typer.Option(..., "--to", help="Output format."),
 ) -> None:
-    """Convert between LEMURS and CaloChallenge dataset-2 HDF5, streaming, keeping the file attributes.
+    """Convert between LEMURS, CaloChallenge dataset-2 and point-cloud HDF5 (x, y, z, E hits in mm and MeV, for
+    CaloClouds-style consumers), streaming, keeping the file attributes.
 
-    Example: calofm data convert data/synthetic/odd.h5 odd_ds2.h5 --to calochallenge"""
+    Example: calofm data convert data/synthetic/odd.h5 odd_points.h5 --to pointcloud"""
     from calofm.data.formats import convert, open_showers
 
     convert(src, dst, to)
@@ -205,7 +207,8 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
              batch_size: int = typer.Option(64, "--batch-size", min=1, help="Showers per forward pass (64: measured "
                                             "on CPUs, benchmarks/generation.md; e.g. --batch-size 1024 on a GPU)."),
              seed: int = typer.Option(0, "--seed", help="Shower i's noise depends only on (seed, i)."),
-             fmt: Literal["lemurs", "calochallenge"] = typer.Option("lemurs", "--format", help="Output file format."),
+             fmt: Literal["lemurs", "calochallenge", "pointcloud"] = typer.Option("lemurs", "--format",
+                                                                                  help="Output file format."),
              threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads (default: torch's "
                                                     "choice, all cores; 1 is best when the cores are shared)."),
              precision: Literal["fp32", "bf16", "int8"] = typer.Option(

@@ -19,6 +19,10 @@ N_CELLS = N_R * N_PHI * N_Z
 DR_MM = 4.65
 DZ_MM = 3.4
 DPHI = 2 * math.pi / N_PHI
+# Cell centres (mm, rad): r and z from the shower axis and the calorimeter front face, phi from the mesh's x axis.
+R_CENTRES = tuple((i + 0.5) * DR_MM for i in range(N_R))
+PHI_CENTRES = tuple((j + 0.5) * DPHI for j in range(N_PHI))
+Z_CENTRES = tuple((k + 0.5) * DZ_MM for k in range(N_Z))
 
 # Condition ranges shared by all detectors (MeV, rad).
 E_MIN_MEV = 1_000.0

@@ -76,6 +76,52 @@ def test_lemurs_calochallenge_round_trip_is_bit_exact(lemurs, tmp_path):
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k][:], b[k][:])
 
 
+def test_pointcloud_round_trip_is_exact_and_hits_sit_at_cell_centres(lemurs, tmp_path):
+    """LEMURS -> point cloud -> LEMURS in chunks smaller than the file (the hits dimension grows as showers with
+    more hits arrive): every cell and condition bit-exact, so the total energy is too; `events` holds one hit per
+    lit cell at its centre, then zero padding."""
+    path, s = lemurs
+    convert(path, tmp_path / "pc.h5", to="pointcloud", chunk_size=3)
+    convert(tmp_path / "pc.h5", tmp_path / "back.h5", to="lemurs")
+    with open_showers(tmp_path / "pc.h5") as f:
+        assert (f.format, f.attrs) == ("pointcloud", ATTRS)
+        assert_equal(f.read(), s)
+        assert_equal(f.read_indices([7, 2, 7]), s[[7, 2, 7]])
+    assert_equal(read_showers(tmp_path / "back.h5"), s)
+    lit = (s.showers > 0).reshape(N, -1).sum(1)
+    with h5py.File(tmp_path / "pc.h5") as h5:
+        events = h5["events"][:]
+    assert events.shape == (N, 4, lit.max()) and events.dtype == np.float32
+    assert ((events[:, 3] > 0).sum(1) == lit).all()  # hits first, then only padding
+    assert (events[:, 3].sum(1, dtype=np.float64) == s.showers.reshape(N, -1).sum(1, dtype=np.float64)).all()
+    r, phi, z = np.argwhere(s.showers[0] > 0)[-1]  # that cell's hit: x = r cos(phi), y = r sin(phi), at its centre
+    hit = events[0, :, lit[0] - 1]  # the last hit in (r, phi, z) order
+    rc, phic = (r + 0.5) * 4.65, (phi + 0.5) * math.pi / 8
+    assert hit == pytest.approx([rc * math.cos(phic), rc * math.sin(phic), (z + 0.5) * 3.4, s.showers[0, r, phi, z]],
+                                rel=1e-6, abs=1e-5)
+
+
+def test_points_anywhere_in_a_cell_are_summed_there_and_points_outside_are_refused(tmp_path):
+    from calofm.data.pointcloud import from_points
+
+    events = np.zeros((2, 4, 3), np.float32)
+    events[0, :, 0] = [0.1, 0.1, 0.2, 1.0]        # r 0.14 mm, phi pi/4, z 0.2 mm: cell (0, 2, 0)
+    events[0, :, 1] = [0.5, 0.6, 3.3, 2.5]        # the same cell
+    events[1, :, 0] = [-20.0, -0.5, 152.0, 4.0]   # r 20.0 mm -> 4, phi 3.17 rad -> 8, z 152 mm -> 44
+    x = from_points(events)
+    assert x[0, 0, 2, 0] == 3.5 and x[1, 4, 8, 44] == 4.0 and x.sum() == 7.5
+    events[1, :, 1] = [0.0, 50.0, 1.0, 1.0]       # r 50 mm: beyond the 9 x 4.65 mm mesh
+    with pytest.raises(ValueError, match=r"E: shower 1, hit 1 at \(x, y, z\) = \(0, 50, 1\) mm lies outside the mesh"):
+        from_points(events, "E")
+    s = make_showers(2)
+    write_showers(tmp_path / "pc.h5", s, "pointcloud", ATTRS)
+    with h5py.File(tmp_path / "pc.h5", "a") as h5:
+        h5["events"][1, 2, 0] = -1.0               # a hit in front of the calorimeter
+    with open_showers(tmp_path / "pc.h5") as f, pytest.raises(ShowerFormatError, match=r"pc.h5: key 'events': "
+                                                                 r"shower 1, hit 0 .* lies outside the mesh"):
+        f.read()
+
+
 def test_calochallenge_layout(tmp_path):
     s = make_showers()
     path = tmp_path / "cc.h5"

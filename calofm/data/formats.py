@@ -1,6 +1,7 @@
-"""LEMURS and CaloChallenge dataset-2 HDF5 files: streaming readers, atomic writers, conversion, validation.
+"""LEMURS, CaloChallenge dataset-2 and point-cloud HDF5 files: streaming readers, atomic writers, conversion,
+validation.
 
-Both formats hold showers on the same 9 x 16 x 45 mesh (`calofm.geometry`); in memory a batch is always a
+All formats hold showers on the same 9 x 16 x 45 mesh (`calofm.geometry`); in memory a batch is always a
 `Showers` with arrays in (r, phi, z) order and float32 MeV.
 
 - LEMURS: `showers` (N, 9, 16, 45), `incident_energy`, `incident_phi`, `incident_theta` (N,), all float32.
@@ -8,6 +9,8 @@ Both formats hold showers on the same 9 x 16 x 45 mesh (`calofm.geometry`); in m
   `showers` (N, 6480) float32, flattened in (z, alpha, r) order, i.e. flat index z*144 + alpha*9 + r. Our files
   also carry `incident_phi` / `incident_theta` (N,) float32 so LEMURS -> CaloChallenge -> LEMURS is bit-exact;
   a file without them (a real dataset-2 file) is read as normal incidence: theta = pi/2, phi = 0.
+- point cloud (CaloClouds-style, `calofm.data.pointcloud`): `events` (N, 4, P) float32, one hit (x, y, z in mm,
+  E in MeV) per lit cell then zero padding, and LEMURS's three condition keys.
 
 Datasets are chunked along N (64 showers, ~1.7 MB per chunk) and gzip-compressed, so reading a slice of a
 1M-shower file decompresses only the chunks it touches. Structure (keys, shapes, dtypes, lengths, the
@@ -26,6 +29,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from calofm.data.pointcloud import from_points, to_points
 from calofm.geometry import (
     DETECTORS,
     E_MIN_MEV,
@@ -40,19 +44,21 @@ from calofm.geometry import (
 )
 from calofm.io import atomic_path
 
-FORMATS = ("lemurs", "calochallenge")
+FORMATS = ("lemurs", "calochallenge", "pointcloud")
 
 # On-disk key of each Showers field, per format.
 KEYS = {
     "lemurs": {"showers": "showers", "energy": "incident_energy", "phi": "incident_phi", "theta": "incident_theta"},
     "calochallenge": {"showers": "showers", "energy": "incident_energies", "phi": "incident_phi",
                       "theta": "incident_theta"},
+    "pointcloud": {"showers": "events", "energy": "incident_energy", "phi": "incident_phi", "theta": "incident_theta"},
 }
 # A real dataset-2 file has no angles: normal incidence.
 CALOCHALLENGE_DEFAULT_THETA = math.pi / 2
 CALOCHALLENGE_DEFAULT_PHI = 0.0
 
 CHUNK_SHOWERS = 64             # HDF5 chunk along N for the showers dataset
+CHUNK_HITS = 512               # ... and along the hits of a point-cloud file's `events`
 CHUNK_CONDITIONS = 4096        # ... and for the (N,) condition datasets
 COMPRESSION = {"compression": "gzip", "compression_opts": 4}
 READ_CACHE_BYTES = 64 << 20    # h5py chunk cache: holds whole chunks so consecutive small reads stay cheap
@@ -159,7 +165,8 @@ def _first_line(e: BaseException) -> str:
 
 
 class ShowerFile:
-    """Lazy reader of a LEMURS or CaloChallenge-DS2 file (format detected from its keys); reads only what is asked.
+    """Lazy reader of a LEMURS, CaloChallenge-DS2 or point-cloud file (format detected from its keys); reads only
+    what is asked. A point-cloud file reads as showers on the mesh (`calofm.data.pointcloud.from_points`).
 
     A CaloChallenge file without `incident_theta` / `incident_phi` (a real dataset-2 file) reads as normal
     incidence, theta = pi/2 and phi = 0.
@@ -189,7 +196,10 @@ class ShowerFile:
         h5, file = self._h5, self.path
         found = sorted(h5.keys())
         lemurs, cc = set(KEYS["lemurs"].values()), {"showers", "incident_energies"}
-        if "incident_energies" in h5 and "incident_energy" not in h5:
+        if "events" in h5 and "showers" not in h5:
+            self.format = "pointcloud"
+            required = set(KEYS["pointcloud"].values())
+        elif "incident_energies" in h5 and "incident_energy" not in h5:
             self.format = "calochallenge"
             required = cc
         elif "incident_energy" in h5 and "incident_energies" not in h5:
@@ -197,8 +207,8 @@ class ShowerFile:
             required = lemurs
         else:
             raise ShowerFormatError(
-                f"{file}: not a shower file: expected keys {sorted(lemurs)} (LEMURS) or {sorted(cc)} "
-                f"(CaloChallenge dataset-2); found {found}")
+                f"{file}: not a shower file: expected keys {sorted(lemurs)} (LEMURS), {sorted(cc)} "
+                f"(CaloChallenge dataset-2) or {sorted(KEYS['pointcloud'].values())} (point cloud); found {found}")
         missing = sorted(required - set(found))
         if missing:
             raise ShowerFormatError(
@@ -213,9 +223,10 @@ class ShowerFile:
                 raise ShowerFormatError(
                     f"{file}: key {keys[name]!r} has dtype {ds.dtype}; expected floating point")
         n = self._ds["showers"].shape[0] if self._ds["showers"].ndim else 0
+        hits = self._ds["showers"].shape[2] if self._ds["showers"].ndim == 3 else 0
         expected = {
-            "showers": (n, *SHAPE) if self.format == "lemurs" else (n, N_CELLS),
-            "energy": (n,) if self.format == "lemurs" else (n, 1),
+            "showers": {"lemurs": (n, *SHAPE), "calochallenge": (n, N_CELLS), "pointcloud": (n, 4, hits)}[self.format],
+            "energy": (n, 1) if self.format == "calochallenge" else (n,),
             "phi": (n,),
             "theta": (n,),
         }
@@ -253,6 +264,11 @@ class ShowerFile:
         x, energy = self._get("showers", start, stop), self._get("energy", start, stop)
         if self.format == "calochallenge":  # (n, z*alpha*r) -> (n, r, alpha, z)
             x, energy = x.reshape(n, N_Z, N_PHI, N_R).transpose(0, 3, 2, 1), energy[:, 0]
+        elif self.format == "pointcloud":
+            try:
+                x = from_points(x, f"{self.path}: key 'events'")
+            except ValueError as e:
+                raise ShowerFormatError(f"{e} (showers counted from {start})") from None
         phi = self._get("phi", start, stop) if "phi" in self._ds else np.full(n, CALOCHALLENGE_DEFAULT_PHI)
         theta = self._get("theta", start, stop) if "theta" in self._ds else np.full(n, CALOCHALLENGE_DEFAULT_THETA)
         return Showers(np.ascontiguousarray(x, dtype=np.float32), energy, phi, theta)
@@ -323,7 +339,9 @@ def write_stream(path: str | Path, fmt: str, n: int, attrs: dict | None, parts: 
         raise ShowerFormatError(f"{path}: refusing to write a file with no showers")
     emax = detector_emax(_check_detector(path, attrs))
     keys = KEYS[fmt]
-    shower_shape = SHAPE if fmt == "lemurs" else (N_CELLS,)
+    shower_shape = {"lemurs": SHAPE, "calochallenge": (N_CELLS,), "pointcloud": (4, 0)}[fmt]
+    hits = {"maxshape": (n, 4, None), "chunks": (min(n, CHUNK_SHOWERS), 4, CHUNK_HITS)} if fmt == "pointcloud" else {
+        "chunks": (min(n, CHUNK_SHOWERS), *shower_shape)}
     cond = {"chunks": (min(n, CHUNK_CONDITIONS),), **COMPRESSION}
     with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as h5:
         for k, v in attrs.items():
@@ -332,9 +350,8 @@ def write_stream(path: str | Path, fmt: str, n: int, attrs: dict | None, parts: 
             except (TypeError, ValueError) as e:
                 raise ShowerFormatError(f"{path}: attribute {k!r} = {v!r} cannot be stored in HDF5 ({e})") from None
         ds = {
-            "showers": h5.create_dataset("showers", (n, *shower_shape), np.float32,
-                                         chunks=(min(n, CHUNK_SHOWERS), *shower_shape), **COMPRESSION),
-            "energy": (h5.create_dataset("incident_energy", (n,), np.float32, **cond) if fmt == "lemurs" else
+            "showers": h5.create_dataset(keys["showers"], (n, *shower_shape), np.float32, **hits, **COMPRESSION),
+            "energy": (h5.create_dataset("incident_energy", (n,), np.float32, **cond) if fmt != "calochallenge" else
                        h5.create_dataset("incident_energies", (n, 1), np.float64,
                                          chunks=(min(n, CHUNK_CONDITIONS), 1), **COMPRESSION)),
             "phi": h5.create_dataset("incident_phi", (n,), np.float32, **cond),
@@ -348,10 +365,17 @@ def write_stream(path: str | Path, fmt: str, n: int, attrs: dict | None, parts: 
             check_values(s, path, keys, emax, np.arange(start, stop))
             if fmt == "lemurs":
                 ds["showers"][start:stop] = s.showers
-                ds["energy"][start:stop] = s.energy
-            else:  # (m, r, alpha, z) -> (m, z*alpha*r)
+            elif fmt == "calochallenge":  # (m, r, alpha, z) -> (m, z*alpha*r)
                 ds["showers"][start:stop] = s.showers.transpose(0, 3, 2, 1).reshape(len(s), N_CELLS)
+            else:  # the hits dimension grows to the most hits seen so far; the rest stays zero padding
+                events = to_points(s.showers)
+                if events.shape[2] > ds["showers"].shape[2]:
+                    ds["showers"].resize(events.shape[2], axis=2)
+                ds["showers"][start:stop, :, :events.shape[2]] = events
+            if fmt == "calochallenge":
                 ds["energy"][start:stop, 0] = s.energy
+            else:
+                ds["energy"][start:stop] = s.energy
             ds["phi"][start:stop] = s.phi
             ds["theta"][start:stop] = s.theta
             start = stop

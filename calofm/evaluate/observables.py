@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from calofm.geometry import DPHI, DR_MM, DZ_MM, N_CELLS, N_PHI, N_R, N_Z, SHAPE, THRESHOLD_MEV
+from calofm import geometry
+from calofm.geometry import N_CELLS, N_PHI, N_R, N_Z, SHAPE, THRESHOLD_MEV
 
-R_CENTRES = (np.arange(N_R) + 0.5) * DR_MM
-PHI_CENTRES = (np.arange(N_PHI) + 0.5) * DPHI
-Z_CENTRES = (np.arange(N_Z) + 0.5) * DZ_MM
+R_CENTRES = np.array(geometry.R_CENTRES)
+PHI_CENTRES = np.array(geometry.PHI_CENTRES)
+Z_CENTRES = np.array(geometry.Z_CENTRES)
 _X = (R_CENTRES[:, None] * np.cos(PHI_CENTRES)[None, :]).astype(np.float64)  # (r, phi)
 _Y = (R_CENTRES[:, None] * np.sin(PHI_CENTRES)[None, :]).astype(np.float64)
 _R = np.broadcast_to(R_CENTRES[:, None], (N_R, N_PHI)).astype(np.float64)
@@ -159,7 +160,7 @@ def high_level_features(showers: np.ndarray, energy: np.ndarray, segments: int =
 # the widths and FPD/KPD (invariant under flipping a feature) do not. They are kept as the CaloChallenge has them.
 CC_THRESHOLD_MEV = 0.5e-3 / 0.033
 CC_LOG_EPS = 1e-8
-_CC_ALPHA = -np.pi + (np.arange(N_PHI) + 0.5) * DPHI
+_CC_ALPHA = PHI_CENTRES - np.pi
 _CC_ETA = R_CENTRES[:, None] * np.cos(_CC_ALPHA)[None, :]  # (r, alpha)
 _CC_PHI = R_CENTRES[:, None] * np.sin(_CC_ALPHA)[None, :]
 _CC_R = np.broadcast_to(R_CENTRES[:, None], (N_R, N_PHI))
