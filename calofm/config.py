@@ -29,6 +29,12 @@ class ModelConfig:
     mlp_dim: int | None = None
     patch: list[int] | None = None     # (r, phi, z) cells per token; must tile the 9 x 16 x 45 mesh
     n_free_slots: int = 1              # F free one-hot slots for adaptation (K + F = 5 in the Par04 contract)
+    objective: str = "edm"             # edm (CaloDiT-2's) | fm: flow matching (the `fm` section)
+
+    def __post_init__(self):
+        if self.objective not in ("edm", "fm"):
+            raise ConfigError(f"model.objective must be edm or fm (cd models come from `calofm distill`), got "
+                              f"{self.objective!r}")
 
 
 @dataclass
@@ -106,8 +112,25 @@ class EDMConfig:
 
 
 @dataclass
+class FMConfig:
+    """Flow matching (model.objective fm, `calofm.diffusion.flow`): training times t = sigmoid(n), n ~ N(t_mean,
+    t_std^2), and the sampler saved with the model."""
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    solver: str = "heun"               # heun (2 evaluations a step) | euler (1)
+    steps: int = 32
+
+    def __post_init__(self):
+        _between(self, "fm", "t_mean", -math.inf, math.inf)
+        _between(self, "fm", "t_std", 0.0, math.inf, low_open=True)
+        _at_least(self, "fm", 1, "steps")
+        if self.solver not in ("heun", "euler"):
+            raise ConfigError(f"fm.solver must be heun or euler, got {self.solver!r}")
+
+
+@dataclass
 class DistillConfig:
-    teacher: str = ""                  # EDM model folder or Hub repo id
+    teacher: str = ""                  # EDM or FM model folder or Hub repo id
     n_boundaries: int = 32             # N of the Karras discretisation
     mu: float = 0.95                   # target-network EMA
     sample_steps: int = 1              # sampler default saved with the student
@@ -137,6 +160,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+    fm: FMConfig = field(default_factory=FMConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 

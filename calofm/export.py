@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from calofm.data.transforms import Normalizer, kinematics
-from calofm.diffusion import DEPOSIT_STEPS, sample, sampler_steps
+from calofm.diffusion import DEPOSIT_STEPS, network_evaluations, sample, sampler_steps
 from calofm.geometry import DR_MM, DZ_MM, E_MIN_MEV, EMAX_GLOBAL_MEV, N_CELLS, PHI_RANGE, SHAPE, THETA_RANGE
 from calofm.io import atomic_path, atomic_write_text
 
@@ -123,7 +123,7 @@ def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: 
              slots: dict[str, str | None], noise_input: bool, source: str | None, precision: str = "fp32") -> dict:
     """What a Geant4 user needs to call the graph, as JSON."""
     batch_dim = batch if batch is not None else "batch"
-    evaluations = steps if model.objective == "cd" else 2 * steps - 1
+    evaluations = network_evaluations(model, steps)
     deposit_evaluations = 2 * DEPOSIT_STEPS - 1 if model.deposit_net is not None else 0
     inputs = [dict(name="conditions", shape=[batch_dim, len(INPUT_LAYOUT)], dtype="float32",
                    layout=list(INPUT_LAYOUT),
@@ -333,8 +333,9 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device
     check_options(fmt, device, batch, steps, precision)
     graph, slots = _prepare(model, steps, new_detector, source)
     model, steps = graph.model, graph.steps
-    if model.objective == "edm":
-        warnings.warn(f"exporting an EDM model: {2 * steps - 1} network evaluations per shower ({steps} Heun steps) "
+    if model.objective != "cd":
+        warnings.warn(f"exporting an {model.objective.upper()} model: {network_evaluations(model, steps)} network "
+                      f"evaluations per shower ({steps} {model.sampler.get('name', 'heun')} steps) "
                       "make the graph slow; distil it to a consistency model (calofm distill) for Geant4",
                       stacklevel=2)
     missing = [s for s, d in slots.items() if d is None]

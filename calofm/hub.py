@@ -42,8 +42,9 @@ DATA_SUFFIXES = (".h5", ".hdf5")
 DATASET_LICENSE = "cc-by-4.0"
 
 OBJECTIVES = {"edm": "EDM (Karras et al. 2022), Heun sampler",
-              "cd": "consistency distillation (Song et al. 2023), 1-step or multistep sampler"}
-OBJECTIVE_TAGS = {"edm": "edm", "cd": "consistency-model"}
+              "cd": "consistency distillation (Song et al. 2023), 1-step or multistep sampler",
+              "fm": "flow matching, conditional OT paths (Lipman et al. 2023), Euler or Heun sampler"}
+OBJECTIVE_TAGS = {"edm": "edm", "cd": "consistency-model", "fm": "flow-matching"}
 ADAPT_MODES = {"full": "fine-tuning all weights",
                "lora": "LoRA fine-tuning of the attention, MLP and adaLN linears (merged into the weights)",
                "conditioning": "training only the condition embedding and the adaLN modulation layers"}

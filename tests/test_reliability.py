@@ -23,11 +23,11 @@ import errno, sys, torch
 patch, k = sys.argv[1], int(sys.argv[2])
 if patch == "nan":
     from calofm.train import pretrain
-    loss, calls = pretrain.EDMObjective.loss, [0]
+    loss, calls = pretrain.PretrainObjective.loss, [0]
     def nan_at_k(self, *a):
         calls[0] += 1
         return loss(self, *a) * (float("nan") if calls[0] == k else 1.0)
-    pretrain.EDMObjective.loss = nan_at_k
+    pretrain.PretrainObjective.loss = nan_at_k
 elif patch == "disk-full":
     save = torch.save
     def full(obj, f, *a, **kw):

@@ -1,5 +1,6 @@
 """Objectives and samplers. `denoiser(model)` wraps a CaloDiT's raw network with the preconditioning of the
-model's own objective, so callers never branch on edm vs cd.
+model's own objective (edm, cd, or fm: flow matching, whose velocity is also a denoiser, `flow.as_denoiser`), and
+`sample(model)` runs its own sampler, so callers never branch on the objective.
 
 A model whose normaliser has unit `deposit` draws each shower's total deposit first, with its small
 `deposit_net` and EDM's Heun sampler (whatever the model's objective: it is one number a shower, so 63
@@ -13,13 +14,15 @@ from collections.abc import Callable
 
 import torch
 
+from calofm.diffusion import flow
 from calofm.diffusion.consistency import boundary_scalings
 from calofm.diffusion.edm import Denoiser, EDMParams, heun_sample, per_sample, precond
 
 # The encoded deposit is standardised (unit variance over the training showers), so sigma_data = 1.
 DEPOSIT_PARAMS = EDMParams(sigma_data=1.0)
 DEPOSIT_STEPS = 32
-DEFAULT_STEPS = {"edm": 32, "cd": 1}  # Heun steps of EDM; one step is the point of consistency distillation
+# Heun steps of EDM and FM; one step is the point of consistency distillation
+DEFAULT_STEPS = {"edm": 32, "cd": 1, "fm": 32}
 
 
 def sampler_steps(model: torch.nn.Module, steps: int | None = None) -> int:
@@ -33,9 +36,25 @@ def sampler_params(model: torch.nn.Module) -> EDMParams:
     return EDMParams.from_sampler(model.sampler)
 
 
+def network_evaluations(model: torch.nn.Module, steps: int | None = None) -> int:
+    """Transformer evaluations per shower of the model's sampler (the deposit net's not counted)."""
+    steps = sampler_steps(model, steps)
+    if model.objective == "fm":
+        return flow.network_evaluations(steps, (model.sampler or {}).get("name", "heun"))
+    return steps if model.objective == "cd" else 2 * steps - 1
+
+
+def velocity(model: torch.nn.Module) -> flow.Velocity:
+    """v(x_t, t, cond) of a flow-matching model: the raw network, with t as its noise input."""
+    return lambda x, t, cond: model(x, t.to(torch.float32).view(-1), cond).to(x.dtype)
+
+
 def denoiser(model: torch.nn.Module, params: EDMParams = EDMParams(), objective: str | None = None) -> Denoiser:
-    """D(x, sigma, cond) = c_skip x + c_out F(c_in x, c_noise, cond) for model.objective in {edm, cd}."""
+    """D(x, sigma, cond) = c_skip x + c_out F(c_in x, c_noise, cond) for model.objective in {edm, cd}; for fm,
+    the FM model's own estimate of x_0 (`flow.as_denoiser`)."""
     objective = objective or model.objective
+    if objective == "fm":
+        return flow.as_denoiser(velocity(model))
 
     def D(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(torch.float32).view(-1)
@@ -75,6 +94,8 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, step
         deposit = heun_sample(deposit_denoiser(model), deposit_noise, cond, DEPOSIT_PARAMS, DEPOSIT_STEPS)
     cond = shape_conditions(cond, deposit)
     steps = sampler_steps(model, steps)
+    if model.objective == "fm":
+        return flow.fm_sample(velocity(model), noise, cond, steps, model.sampler.get("name", "heun"), progress), deposit
     D = denoiser(model, params)
     if model.objective == "edm":
         return heun_sample(D, noise, cond, params, steps, progress), deposit

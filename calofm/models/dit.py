@@ -1,7 +1,8 @@
-"""CaloDiT: a diffusion transformer on the (r, phi, z) shower mesh (CaloDiT-2, arXiv seeds/004).
+"""CaloDiT: a diffusion transformer on the (r, phi, z) shower mesh (CaloDiT-2, Raikwar et al.).
 
 The network is EDM's raw F: it maps (c_in * x, c_noise, conditions) to an output that calofm.diffusion turns into
-a denoiser with the preconditioning of the model's objective (EDM or consistency). The module also carries what a
+a denoiser with the preconditioning of the model's objective (EDM or consistency), or, for flow matching, the
+velocity at (x_t, t). The module also carries what a
 saved model needs to be used on its own: the shared normaliser, the detector slot map, the objective and the
 sampler defaults, all saved in config.json by PyTorchModelHubMixin.
 """
@@ -20,6 +21,8 @@ from torch import nn
 
 from calofm.data.transforms import N_COND
 from calofm.geometry import SHAPE
+
+OBJECTIVES = ("edm", "cd", "fm")  # EDM diffusion, its consistency distillation, flow matching
 
 PRESETS: dict[str, dict] = {
     # the paper's model: 6 blocks, width 384, 6 heads of 64, MLP 1536, patch 3x2x3 -> 360 tokens
@@ -145,8 +148,8 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        if objective not in ("edm", "cd"):
-            raise ValueError(f"objective must be 'edm' or 'cd', got {objective!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         p = PRESETS[preset]
         self.preset = preset
         self.depth = depth or p["depth"]

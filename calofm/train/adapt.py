@@ -33,6 +33,7 @@ from calofm.data.loader import detector_response, find_detector_files
 from calofm.data.transforms import Normalizer
 from calofm.diffusion import sampler_params
 from calofm.diffusion.edm import EDMParams
+from calofm.diffusion.flow import FMParams
 from calofm.geometry import get_detector
 from calofm.hub import load_model
 from calofm.io import atomic_dir
@@ -40,7 +41,7 @@ from calofm.models.dit import CaloDiT
 from calofm.pretrained import shipped_root
 from calofm.train.distill import CDObjective, cd_sampler, student_from
 from calofm.train.loop import make_accelerator, save_model, train
-from calofm.train.pretrain import EDMObjective
+from calofm.train.pretrain import PretrainObjective
 
 MODES = ("full", "lora", "conditioning")
 # Learning rate when no recipe sets one, every mode. Measured on the shipped tiny model (benchmarks/adaptation.md):
@@ -160,8 +161,8 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
 
     edm_ref, cd_ref = resolve_pretrained(a.pretrained, a.pretrained_cd)
     base = load_model(edm_ref)
-    if base.objective != "edm" or base.normalizer is None:
-        raise ValueError(f"{edm_ref}: expected a pretrained EDM model with a normaliser, got objective "
+    if base.objective not in ("edm", "fm") or base.normalizer is None:
+        raise ValueError(f"{edm_ref}: expected a pretrained EDM (or FM) model with a normaliser, got objective "
                          f"{base.objective!r}")
     base_cd = load_model(cd_ref) if cd_ref else None
     if base_cd is not None:
@@ -196,7 +197,8 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         torch.manual_seed(cfg.train.seed)
         net = select_trainable(base.with_config(slot_map=slot_map, normalizer=normalizer.to_dict(), provenance={
             **provenance, "stage": "adapt-edm", "steps": stage.train.steps}), a.mode, **lora)
-        objective = EDMObjective(training_params(sampler_params(base), cfg.edm, edm_ref))
+        fm = FMParams(cfg.fm.t_mean, cfg.fm.t_std) if base.objective == "fm" else None
+        objective = PretrainObjective(training_params(sampler_params(base), cfg.edm, edm_ref), fm)
         trained = train(stage, net, objective, files, normalizer, accelerator=accelerator, resume=resume,
                         desc=f"adapt EDM ({a.mode})")
         edm = finish(trained, edm_dir, out / "adapters" / "edm", accelerator.is_main_process)

@@ -1,6 +1,10 @@
 """Consistency distillation of an EDM model into a one-step sampler (CaloDiT-2 section 3.1.2, Song et al. 2023).
 
-Three networks of one architecture: the frozen EDM teacher, the student (initialised from the teacher, trained by
+A flow-matching teacher works the same way: its ODE is seen in EDM's sigma through `flow.as_denoiser`; the student
+then starts from weights trained for a different parametrisation (velocity at t instead of EDM's F at ln(sigma) / 4),
+a worse start than an EDM teacher's (benchmarks/objectives.md measures both).
+
+Three networks of one architecture: the frozen teacher, the student (initialised from the teacher, trained by
 the shared loop) and the target, an EMA of the student with constant mu. As in the paper, the teacher is
 "distilled into the target model": the target is what is saved. The loop's own stability EMA is off (the paper
 keeps only these three networks); the target is registered for checkpointing, so a resumed run is exact.
@@ -36,15 +40,15 @@ class CDObjective:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, N: int = 32, mu: float = 0.95,
                  params: EDMParams = EDMParams()):
-        if getattr(teacher, "objective", "edm") != "edm":
-            raise ValueError(f"the teacher must be an EDM model, but its objective is {teacher.objective!r}")
+        if getattr(teacher, "objective", "edm") not in ("edm", "fm"):
+            raise ValueError(f"the teacher must be an EDM or FM model, but its objective is {teacher.objective!r}")
         if not 0.0 <= mu < 1.0:
             raise ValueError(f"distill.mu must be in [0, 1), got {mu}")
         self.params, self.N = params, N
         teacher.requires_grad_(False).eval()
         if teacher.deposit_net is not None:  # the student keeps its copy of the teacher's EDM deposit net, frozen:
             student.deposit_net.requires_grad_(False)  # one number a shower needs no distillation
-        self.D_teacher = denoiser(teacher, params, objective="edm")
+        self.D_teacher = denoiser(teacher, params)  # an FM teacher's ODE in EDM's sigma (`flow.as_denoiser`)
         self.target = EMA(student, constant_decay(mu))
         self.f_target = denoiser(self.target.model, params, objective="cd")
 

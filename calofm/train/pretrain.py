@@ -1,5 +1,5 @@
-"""Multi-detector EDM pretraining: K detectors in fixed one-hot slots, free slots kept for adaptation, ONE
-normaliser fitted over all of them and frozen into the model's config."""
+"""Multi-detector pretraining (EDM, or flow matching with model.objective fm): K detectors in fixed one-hot slots,
+free slots kept for adaptation, ONE normaliser fitted over all of them and frozen into the model's config."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calofm.config import ModelConfig, RunConfig
+from calofm.config import FMConfig, ModelConfig, RunConfig
 from calofm.data.loader import find_detector_files, fit_normalizer
 from calofm.data.sources import canonical_source
-from calofm.diffusion import DEFAULT_STEPS, DEPOSIT_PARAMS, denoiser, deposit_denoiser, shape_conditions
+from calofm.diffusion import (
+    DEFAULT_STEPS,
+    DEPOSIT_PARAMS,
+    denoiser,
+    deposit_denoiser,
+    shape_conditions,
+    velocity,
+)
 from calofm.diffusion.edm import EDMParams, edm_loss
+from calofm.diffusion.flow import FMParams, fm_loss
 from calofm.geometry import default_slot_map
 from calofm.models.dit import CaloDiT
 from calofm.train.loop import latest_checkpoint, make_accelerator, save_model, train
@@ -23,17 +31,26 @@ def edm_sampler(params: EDMParams) -> dict:
     return {"name": "heun", "steps": DEFAULT_STEPS["edm"], **params.sampler_config()}
 
 
-class EDMObjective:
-    """EDM on the showers; for a model that draws its total deposit first (normaliser unit `deposit`), plus EDM on
-    the deposit, and the shape is learnt conditioned on the shower's true deposit."""
+def fm_sampler(cfg: FMConfig) -> dict:
+    """The sampler config saved with a flow-matching model: its solver and steps."""
+    return {"name": cfg.solver, "steps": cfg.steps}
 
-    def __init__(self, params: EDMParams = EDMParams()):
-        self.params = params
+
+class PretrainObjective:
+    """EDM on the showers (flow matching where `fm` is given); for a model that draws its total deposit first
+    (normaliser unit `deposit`), plus EDM on the deposit, and the shape is learnt conditioned on the shower's true
+    deposit."""
+
+    def __init__(self, params: EDMParams = EDMParams(), fm: FMParams | None = None):
+        self.params, self.fm = params, fm
 
     def loss(self, net: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         deposit = batch.get("deposit")
         cond = shape_conditions(batch["cond"], deposit)
-        loss = edm_loss(denoiser(net, self.params, objective="edm"), batch["x"], cond, self.params, generator)
+        if self.fm is None:
+            loss = edm_loss(denoiser(net, self.params, objective="edm"), batch["x"], cond, self.params, generator)
+        else:
+            loss = fm_loss(velocity(net), batch["x"], cond, self.fm, generator)
         if deposit is not None:  # the same backward pass, so Accelerate's DDP syncs both networks' gradients
             model = getattr(net, "module", net)
             loss = loss + edm_loss(deposit_denoiser(model), deposit, batch["cond"], DEPOSIT_PARAMS, generator)
@@ -59,14 +76,16 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit)
     slot_map = default_slot_map(cfg.data.detectors)
     params = EDMParams(sigma_data=cfg.edm.sigma_data, P_mean=cfg.edm.p_mean, P_std=cfg.edm.p_std)
+    fm = FMParams(cfg.fm.t_mean, cfg.fm.t_std) if cfg.model.objective == "fm" else None
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, n_slots=len(slot_map) + cfg.model.n_free_slots, slot_map=slot_map,
-                        normalizer=normalizer.to_dict(), objective="edm", sampler=edm_sampler(params),
+                        normalizer=normalizer.to_dict(), objective=cfg.model.objective,
+                        sampler=fm_sampler(cfg.fm) if fm else edm_sampler(params),
                         provenance={"stage": "pretrain", "detectors": list(slot_map), "steps": cfg.train.steps,
                                     "data": canonical_source(cfg.data.dir)})
     if resume and latest_checkpoint(cfg.output_dir) is None:
         accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
-    ema = train(cfg, model, EDMObjective(params), files, normalizer, accelerator=accelerator, resume=resume,
+    ema = train(cfg, model, PretrainObjective(params, fm), files, normalizer, accelerator=accelerator, resume=resume,
                 desc="pretrain")
     out = Path(cfg.output_dir) / "model"
     if accelerator.is_main_process:
