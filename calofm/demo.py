@@ -3,13 +3,18 @@ foundation model that ships with calofm, adapt it to a detector it never saw (fc
 distil, evaluate. `--pretrain` pretrains and distils from scratch first instead.
 
 Each stage writes into its own folder and is skipped when its output already exists, so a demo that was
-interrupted continues where it stopped. Stages append markdown sections (with plots) to the report.
+interrupted continues where it stopped; the folder's `inputs.json` says what it was made from (calofm's version,
+the base model's weights, the data, the budget), and a folder made from other inputs (an older calofm, a re-shipped
+foundation model, `--quick`) is moved to `<stage>.stale` and made again (`stage_folder`). Stages append markdown
+sections (with plots) to the report.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calofm import __version__
 from calofm.geometry import DETECTORS, NEW_DETECTOR, PRETRAIN_DETECTORS
 from calofm.io import atomic_path, atomic_write_text
 from calofm.pretrained import CD_SUFFIX, SHIPPED, shipped_model
@@ -29,6 +35,7 @@ class DemoContext:
     pretrain: bool = False  # pretrain and distil from scratch instead of starting from the shipped model
     sections: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    inputs: dict[str, dict] = field(default_factory=dict)  # stage -> what its folder was made from
 
     @property
     def n_train(self) -> int:
@@ -55,13 +62,39 @@ class DemoContext:
         return str(Path(p).relative_to(self.out))
 
 
+def stage_folder(ctx: DemoContext, name: str, **inputs) -> Path:
+    """The stage's folder, made from `inputs` plus calofm's version and every earlier stage's inputs. A folder
+    whose `inputs.json` says otherwise (or has none: an older calofm's) is moved to `<name>.stale`, replacing an
+    older one, so its results are never reported as this run's; an interrupted stage with the same inputs stays
+    and continues from its checkpoints."""
+    ctx.inputs[name] = {"calofm": __version__, **inputs, "upstream": dict(ctx.inputs)}
+    folder, want = ctx.path(name), json.dumps(ctx.inputs[name], indent=1, sort_keys=True)
+    stamp = folder / "inputs.json"
+    if folder.exists() and (not stamp.is_file() or stamp.read_text() != want):
+        stale = ctx.path(name + ".stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        folder.rename(stale)
+        print(f"{folder} was made from other inputs than this run's ({stamp.name}); moved to {stale}, redoing it")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        atomic_write_text(stamp, want)
+    return folder
+
+
+def weights_digest(ref: str | Path) -> str:
+    """sha256 of a model's weights file (a shipped name or a folder): which model a stage started from."""
+    folder = shipped_model(str(ref)) or Path(ref)
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
 def stage_data(ctx: DemoContext) -> None:
     """Synthetic held-out sets for all five detectors, ALLEGRO's small adaptation set and, to pretrain from
     scratch, the four pretraining detectors' training sets."""
     from calofm.data.inspect import summarize
-    from calofm.data.synthetic import synthesize
+    from calofm.data.synthetic import GENERATOR, synthesize
 
-    train, test = ctx.path("data", "train"), ctx.path("data", "test")
+    data = stage_folder(ctx, "data", generator=GENERATOR, n_train=ctx.n_train, n_test=ctx.n_test)
+    train, test = data / "train", data / "test"
     if not (train / f"{NEW_DETECTOR}.h5").exists():
         synthesize(train, [NEW_DETECTOR], ctx.n_train // 4, seed=2)
     if ctx.pretrain and not all((train / f"{d}.h5").exists() for d in PRETRAIN_DETECTORS):
@@ -105,7 +138,7 @@ def stage_pretrain(ctx: DemoContext) -> None:
     from calofm.config import load_config
     from calofm.train.pretrain import pretrain
 
-    model_dir = ctx.path("pretrain", "model")
+    model_dir = stage_folder(ctx, "pretrain", recipe="pretrain-tiny", steps=ctx.steps(1500)) / "model"
     if not model_dir.exists():
         cfg = load_config("pretrain-tiny",
                           [f"data.dir={ctx.path('data', 'train')}", f"output_dir={ctx.path('pretrain')}",
@@ -172,7 +205,7 @@ def stage_distill(ctx: DemoContext) -> None:
     from calofm.hub import load_model
     from calofm.train.distill import distill
 
-    model_dir = ctx.path("distill", "model")
+    model_dir = stage_folder(ctx, "distill", recipe="distill-tiny", steps=ctx.steps(1000)) / "model"
     if not model_dir.exists():
         cfg = load_config("distill-tiny",
                           [f"data.dir={ctx.path('data', 'train')}", f"output_dir={ctx.path('distill')}",
@@ -237,8 +270,9 @@ def stage_adapt(ctx: DemoContext) -> None:
     from calofm.hub import load_model
     from calofm.train.adapt import adapt
 
-    out = ctx.path("adapt")
     edm_ref, cd_ref = ctx.base
+    out = stage_folder(ctx, "adapt", base=[edm_ref, cd_ref], weights=[weights_digest(edm_ref), weights_digest(cd_ref)],
+                       recipe="adapt-full", steps=ctx.steps(300))
     if not (out / "cd").exists():
         cfg = load_config("adapt-full", [
             f"output_dir={out}", f"adapt.pretrained={edm_ref}", f"adapt.pretrained_cd={cd_ref}",
