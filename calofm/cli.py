@@ -69,16 +69,22 @@ def data_synth(
     n: int = typer.Option(..., "--num-showers", "-n", "--n", min=1, help="Showers per detector."),
     seed: int = typer.Option(0, "--seed", help="Run seed; each detector's stream derives from it and its name."),
     out: Path = typer.Option(..., "--out", help="Folder for <detector>.h5 (LEMURS format)."),
+    particle: list[str] = typer.Option(["photon"], "--particle",
+                                       help="photon | electron | pion; repeat it for a file of several, each "
+                                            "shower's drawn uniformly (its PDG code in the file)."),
 ) -> None:
     """Synthesise GFlash-parametrised stand-in showers (not Geant4), one LEMURS file per detector.
 
     Example: calofm data synth --all --n 5000 --seed 1 --out data/synthetic"""
     from calofm.data.synthetic import synthesize
     from calofm.geometry import DETECTORS
+    from calofm.particles import particle_code
 
     if all_ == (detector is not None):
         raise ValueError("give exactly one of --detector NAME or --all")
-    for path in synthesize(out, list(DETECTORS) if all_ else [detector], n, seed, progress=True):
+    for name in particle:
+        particle_code(name)  # an unknown name is an error before anything is written
+    for path in synthesize(out, list(DETECTORS) if all_ else [detector], n, seed, progress=True, particles=particle):
         typer.echo(f"wrote {path}")
 
 

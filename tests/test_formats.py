@@ -122,6 +122,23 @@ def test_points_anywhere_in_a_cell_are_summed_there_and_points_outside_are_refus
         f.read()
 
 
+def test_particle_codes_round_trip_every_format_and_a_file_without_them_holds_photons(tmp_path):
+    s = make_showers()
+    s.pdg = np.resize(np.array([22, 11, 211], np.int32), N)
+    write_lemurs(tmp_path / "a.h5", s, ATTRS)
+    for fmt in ("calochallenge", "pointcloud", "lemurs"):
+        convert(tmp_path / "a.h5", tmp_path / f"{fmt}.h5", to=fmt)
+        assert np.array_equal(read_showers(tmp_path / f"{fmt}.h5").pdg, s.pdg)
+    with h5py.File(tmp_path / "a.h5", "a") as h5:
+        del h5["incident_pdg"]
+    assert (read_showers(tmp_path / "a.h5").pdg == 22).all()
+    s.pdg[3] = 2212
+    with pytest.raises(ShowerFormatError, match=r"b.h5: incident_pdg\[3\] = 2212 is not a known particle's PDG code; "
+                                                r"known: 22 \(photon\), 11 \(electron\), 211 \(pion\)"):
+        write_lemurs(tmp_path / "b.h5", s, ATTRS)
+    assert not (tmp_path / "b.h5").exists()
+
+
 def test_calochallenge_layout(tmp_path):
     s = make_showers()
     path = tmp_path / "cc.h5"
@@ -133,6 +150,7 @@ def test_calochallenge_layout(tmp_path):
             "showers": ((N, N_CELLS), np.float32),
             "incident_phi": ((N,), np.float32),
             "incident_theta": ((N,), np.float32),
+            "incident_pdg": ((N,), np.int32),  # calofm's writers always say which particle; absent: photons
         }
         assert f["showers"].compression == "gzip" and f["showers"].chunks[0] <= 256
         flat = f["showers"][:]
@@ -235,7 +253,7 @@ def expect_error(path, pattern, at_open=True):
 def test_missing_key(tmp_path):
     path = corrupt(tmp_path, lambda f: f.__delitem__("incident_theta"))
     expect_error(path, r"lacks key 'incident_theta'.*expected \[.*'incident_theta'.*found \['incident_energy', "
-                       r"'incident_phi', 'showers'\]")
+                       r"'incident_pdg', 'incident_phi', 'showers'\]")
 
 
 def test_not_a_shower_file(tmp_path):

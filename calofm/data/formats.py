@@ -12,6 +12,9 @@ All formats hold showers on the same 9 x 16 x 45 mesh (`calofm.geometry`); in me
 - point cloud (CaloClouds-style, `calofm.data.pointcloud`): `events` (N, 4, P) float32, one hit (x, y, z in mm,
   E in MeV) per lit cell then zero padding, and LEMURS's three condition keys.
 
+Every format may also carry `incident_pdg` (N,) int32, the incident particle's PDG code (`calofm.particles`); a
+file without it (every LEMURS and CaloChallenge file) holds photons. calofm's writers always write it.
+
 Datasets are chunked along N (64 showers, ~1.7 MB per chunk) and gzip-compressed, so reading a slice of a
 1M-shower file decompresses only the chunks it touches. Structure (keys, shapes, dtypes, lengths, the
 `detector` attribute) is checked when a file is opened; values (finite, non-negative deposits, conditions in
@@ -43,6 +46,7 @@ from calofm.geometry import (
     THETA_RANGE,
 )
 from calofm.io import atomic_path
+from calofm.particles import NAMES, PARTICLES
 
 FORMATS = ("lemurs", "calochallenge", "pointcloud")
 
@@ -56,6 +60,7 @@ KEYS = {
 # A real dataset-2 file has no angles: normal incidence.
 CALOCHALLENGE_DEFAULT_THETA = math.pi / 2
 CALOCHALLENGE_DEFAULT_PHI = 0.0
+PDG_KEY = "incident_pdg"     # optional in every format; absent: photons
 
 CHUNK_SHOWERS = 64             # HDF5 chunk along N for the showers dataset
 CHUNK_HITS = 512               # ... and along the hits of a point-cloud file's `events`
@@ -81,14 +86,16 @@ class Showers:
     energy: np.ndarray   # (N,) float32 incident energy, MeV
     phi: np.ndarray      # (N,) float32 rad
     theta: np.ndarray    # (N,) float32 rad
+    pdg: np.ndarray | None = None  # (N,) int32 PDG code of the incident particle; None: photons (22)
 
     def __post_init__(self):
-        for f in fields(self):
-            setattr(self, f.name, np.asarray(getattr(self, f.name), dtype=np.float32))
+        for name in ("showers", "energy", "phi", "theta"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float32))
         n = len(self.showers)
+        self.pdg = np.full(n, PARTICLES["photon"], np.int32) if self.pdg is None else np.asarray(self.pdg, np.int32)
         if self.showers.shape[1:] != SHAPE or self.showers.ndim != 4:
             raise ValueError(f"Showers.showers has shape {self.showers.shape}; expected (N, {N_R}, {N_PHI}, {N_Z})")
-        for name in ("energy", "phi", "theta"):
+        for name in ("energy", "phi", "theta", "pdg"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"Showers.{name} has shape {getattr(self, name).shape}; expected ({n},)")
 
@@ -96,10 +103,10 @@ class Showers:
         return len(self.showers)
 
     def __getitem__(self, idx) -> Showers:
-        """Slice, index array or boolean mask on all four arrays; an integer gives a batch of one."""
+        """Slice, index array or boolean mask on all arrays; an integer gives a batch of one."""
         if isinstance(idx, (int, np.integer)):
             idx = [idx]
-        return Showers(self.showers[idx], self.energy[idx], self.phi[idx], self.theta[idx])
+        return Showers(self.showers[idx], self.energy[idx], self.phi[idx], self.theta[idx], self.pdg[idx])
 
     @staticmethod
     def concat(parts: list[Showers]) -> Showers:
@@ -128,6 +135,11 @@ def check_values(s: Showers, file, keys: dict[str, str], emax_mev: float, index:
         raise ShowerFormatError(
             f"{file}: {keys['showers']}[{index[i]}] has deposit {x[i, r, p, z]} MeV at (r, phi, z) = "
             f"({r}, {p}, {z}): {why}; deposits must be finite and >= 0 MeV")
+    unknown = np.flatnonzero(~np.isin(s.pdg, list(NAMES)))
+    if unknown.size:
+        i = unknown[0]
+        raise ShowerFormatError(f"{file}: {PDG_KEY}[{index[i]}] = {s.pdg[i]} is not a known particle's PDG code; "
+                                f"known: {', '.join(f'{c} ({n})' for c, n in NAMES.items())}")
     bounds = {
         "energy": (E_MIN_MEV * (1 - ENERGY_REL_TOL), emax_mev * (1 + ENERGY_REL_TOL), "MeV"),
         "theta": (THETA_RANGE[0] - ANGLE_ABS_TOL, THETA_RANGE[1] + ANGLE_ABS_TOL, "rad"),
@@ -213,15 +225,15 @@ class ShowerFile:
         if missing:
             raise ShowerFormatError(
                 f"{file}: {self.format} file lacks key {missing[0]!r}: expected {sorted(required)}, found {found}")
-        keys = KEYS[self.format]
+        keys = {**KEYS[self.format], "pdg": PDG_KEY}
         self.keys = keys
         self._ds = {name: h5[key] for name, key in keys.items() if key in h5}
         for name, ds in self._ds.items():
             if not isinstance(ds, h5py.Dataset):
                 raise ShowerFormatError(f"{file}: key {keys[name]!r} is a group, expected a dataset")
-            if not np.issubdtype(ds.dtype, np.floating):
-                raise ShowerFormatError(
-                    f"{file}: key {keys[name]!r} has dtype {ds.dtype}; expected floating point")
+            kind, what = (np.integer, "integer") if name == "pdg" else (np.floating, "floating point")
+            if not np.issubdtype(ds.dtype, kind):
+                raise ShowerFormatError(f"{file}: key {keys[name]!r} has dtype {ds.dtype}; expected {what}")
         n = self._ds["showers"].shape[0] if self._ds["showers"].ndim else 0
         hits = self._ds["showers"].shape[2] if self._ds["showers"].ndim == 3 else 0
         expected = {
@@ -229,6 +241,7 @@ class ShowerFile:
             "energy": (n, 1) if self.format == "calochallenge" else (n,),
             "phi": (n,),
             "theta": (n,),
+            "pdg": (n,),
         }
         for name, ds in self._ds.items():
             if ds.shape != expected[name]:
@@ -271,7 +284,8 @@ class ShowerFile:
                 raise ShowerFormatError(f"{e} (showers counted from {start})") from None
         phi = self._get("phi", start, stop) if "phi" in self._ds else np.full(n, CALOCHALLENGE_DEFAULT_PHI)
         theta = self._get("theta", start, stop) if "theta" in self._ds else np.full(n, CALOCHALLENGE_DEFAULT_THETA)
-        return Showers(np.ascontiguousarray(x, dtype=np.float32), energy, phi, theta)
+        pdg = self._get("pdg", start, stop) if "pdg" in self._ds else None
+        return Showers(np.ascontiguousarray(x, dtype=np.float32), energy, phi, theta, pdg)
 
     def read(self, start: int = 0, stop: int | None = None) -> Showers:
         """Showers [start, stop) (Python slice semantics), validated."""
@@ -356,13 +370,14 @@ def write_stream(path: str | Path, fmt: str, n: int, attrs: dict | None, parts: 
                                          chunks=(min(n, CHUNK_CONDITIONS), 1), **COMPRESSION)),
             "phi": h5.create_dataset("incident_phi", (n,), np.float32, **cond),
             "theta": h5.create_dataset("incident_theta", (n,), np.float32, **cond),
+            "pdg": h5.create_dataset(PDG_KEY, (n,), np.int32, **cond),
         }
         start = 0
         for s in parts:
             stop = start + len(s)
             if stop > n:
                 raise ValueError(f"{path}: got more than the {n} showers announced")
-            check_values(s, path, keys, emax, np.arange(start, stop))
+            check_values(s, path, {**keys, "pdg": PDG_KEY}, emax, np.arange(start, stop))
             if fmt == "lemurs":
                 ds["showers"][start:stop] = s.showers
             elif fmt == "calochallenge":  # (m, r, alpha, z) -> (m, z*alpha*r)
@@ -378,6 +393,7 @@ def write_stream(path: str | Path, fmt: str, n: int, attrs: dict | None, parts: 
                 ds["energy"][start:stop] = s.energy
             ds["phi"][start:stop] = s.phi
             ds["theta"][start:stop] = s.theta
+            ds["pdg"][start:stop] = s.pdg
             start = stop
         if start != n:
             raise ValueError(f"{path}: got {start} showers, {n} announced")

@@ -22,6 +22,11 @@ Per shower, in the mesh frame (z along the particle, alpha the mesh azimuth):
   spots; their number per GeV makes the mesh deposit fluctuate by sigma / mu = a / sqrt(E[GeV]) (a = the
   stochastic term), and each spot's energy spreads by SPOT_SPREAD, so cell energies are continuous. Energy
   outside the mesh (lateral and rear leakage) is lost: E_dep / E_inc = sampling fraction x containment.
+- particles (`PARTICLE_SHOWERS`): photons as above; electrons start ~1 X0 earlier (PDG: the maxima of electron
+  and photon showers differ by C_e - C_gamma = -1 X0); charged pions are a hadronic stand-in, not a hadronic
+  parametrisation: a MIP track along the axis until the first interaction (exponential, INTERACTION_X0 mean free
+  path), so a fraction punches through the mesh as a MIP, then a longer and wider shower with larger fluctuations
+  and a lower visible response (e/h).
 
 Output: `Showers` of (N, 9, 16, 45) float32 MeV in (r, phi, z) order, cells under THRESHOLD_MEV zeroed, a
 deterministic function of (detector, n, seed, conditions, chunk).
@@ -32,6 +37,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +59,7 @@ from calofm.geometry import (
     Detector,
     get_detector,
 )
+from calofm.particles import PHOTON, particle_code
 
 GENERATOR_VERSION = 1  # bump whenever the same seed would give different showers
 GENERATOR = f"calofm GFlash-parametrised stand-in (not Geant4) v{GENERATOR_VERSION}"
@@ -80,6 +87,26 @@ CLD_STAVES = 12                   # CLD: a 12-sided polygon of flat staves
 CLD_CORNER_DELAY_MM = 2 * DZ_MM   # ... front face depth at a stave corner, relative to the stave centre
 
 SPOT_SPREAD = 0.6                 # relative spread of one spot's energy (Landau-like, as a lognormal)
+MIP_MEV_PER_X0 = 7.5              # a minimum-ionising particle's loss per X0 (W 7.7, Pb 7.1 MeV; PDG tables)
+
+
+@dataclass(frozen=True)
+class ParticleShower:
+    """How the stand-in draws a particle's shower, relative to a photon's."""
+    t_offset: float = T_OFFSET              # <T> = ln y + t_offset
+    depth_scale: float = 1.0                # longitudinal lengths in X0 x depth_scale
+    width_scale: float = 1.0                # radii x width_scale
+    response: float = 1.0                   # visible energy per GeV relative to an electromagnetic shower's
+    fluctuation: float = 1.0                # stochastic term x fluctuation
+    interaction_x0: float | None = None     # mean free path before the shower starts (X0); a MIP track until then
+
+
+PARTICLE_SHOWERS: dict[str, ParticleShower] = {
+    "photon": ParticleShower(),
+    "electron": ParticleShower(t_offset=T_OFFSET - 1.0),
+    # lambda_int / X0 ~ 25-30 in W and Pb; e/h ~ 0.75 for the visible energy; hadronic resolution ~2.5x worse
+    "pion": ParticleShower(depth_scale=2.0, width_scale=2.0, response=0.75, fluctuation=2.5, interaction_x0=25.0),
+}
 
 _Z_EDGES = np.arange(N_Z + 1) * DZ_MM
 _Z_MID = ((_Z_EDGES[:-1] + _Z_EDGES[1:]) / 2).astype(np.float32)
@@ -127,11 +154,13 @@ def conditions(detector: str, n: int, rng: np.random.Generator, energy=None, phi
 
 
 def _fractions(det: Detector, e_mev, phi, theta, normals: np.ndarray | None,
-               centre: np.ndarray | None) -> np.ndarray:
+               centre: np.ndarray | None, part: ParticleShower = PARTICLE_SHOWERS[PHOTON],
+               start_mm: np.ndarray | None = None) -> np.ndarray:
     """Expected fraction of the incident energy in each mesh cell, (n, 9, 16, 45) float32.
 
     `normals` (n, 2) are the standard normals behind (ln T, ln alpha) and `centre` (n, 2) the shift of the
-    shower centre in mm; None gives the mean shower (no fluctuation), as `containment` uses.
+    shower centre in mm; None gives the mean shower (no fluctuation), as `containment` uses. `start_mm` (n,) is the
+    depth where the shower starts (a hadron's first interaction; None: the front face).
     """
     n = len(e_mev)
     e_mev, phi, theta = (np.asarray(a, np.float64) for a in (e_mev, phi, theta))
@@ -139,7 +168,7 @@ def _fractions(det: Detector, e_mev, phi, theta, normals: np.ndarray | None,
     ln_y = np.log(e_mev / det.ec_mev)
 
     # Longitudinal Gamma profile with correlated (ln T, ln alpha).
-    mu_t = np.log(ln_y + T_OFFSET)
+    mu_t = np.log(ln_y + part.t_offset)
     mu_a = np.log(ALPHA_A[0] + (ALPHA_A[1] + ALPHA_A[2] / z_eff) * ln_y)
     if normals is not None:
         sig_t = 1.0 / (SIGMA_LN_T[0] + SIGMA_LN_T[1] * ln_y)
@@ -158,7 +187,9 @@ def _fractions(det: Detector, e_mev, phi, theta, normals: np.ndarray | None,
         delta = np.mod(phi + half, 2 * half) - half
         compress = compress * np.cos(delta)
         front = CLD_CORNER_DELAY_MM * (1 / np.cos(delta) - 1) / (1 / math.cos(half) - 1)
-    scale = 1.0 / (det.x0_mm * compress)[:, None]
+    if start_mm is not None:
+        front = front + start_mm
+    scale = 1.0 / (det.x0_mm * part.depth_scale * compress)[:, None]
     t_edges = np.maximum(_Z_EDGES - front[:, None], 0.0) * scale
     longitudinal = np.diff(gammainc(alpha[:, None], beta[:, None] * t_edges), axis=1).astype(np.float32)
     if det.structure == "gaps_cracks":
@@ -167,9 +198,9 @@ def _fractions(det: Detector, e_mev, phi, theta, normals: np.ndarray | None,
 
     # Radial core and tail (GFlash; E in GeV, radii in Moliere radii).
     ln_e = np.log(e_mev / 1000.0).astype(np.float32)[:, None]
-    r_core = det.rm_mm * ((0.0251 + 0.00319 * ln_e) + (0.1162 - 0.000381 * z_eff) * tau)
+    r_core = det.rm_mm * part.width_scale * ((0.0251 + 0.00319 * ln_e) + (0.1162 - 0.000381 * z_eff) * tau)
     k4 = 0.3585 + 0.0421 * ln_e
-    r_tail = det.rm_mm * (0.659 - 0.00309 * z_eff) * (np.exp(-2.59 * (tau - 0.645)) + np.exp(k4 * (tau - 0.645)))
+    r_tail = det.rm_mm * part.width_scale * (0.659 - 0.00309 * z_eff) * (np.exp(-2.59 * (tau - 0.645)) + np.exp(k4 * (tau - 0.645)))
     x = ((0.401 + 0.00187 * z_eff) - tau) / (1.313 - 0.0686 * ln_e)
     p_core = np.clip((2.632 - 0.00094 * z_eff) * np.exp(x - np.exp(x)), 0.0, 1.0)
 
@@ -231,53 +262,88 @@ def _spot_energy(lam: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
 
 
 def _sample_chunk(det: Detector, e_mev: np.ndarray, phi: np.ndarray, theta: np.ndarray,
-                  rng: np.random.Generator, out: np.ndarray) -> None:
-    """Fill `out` (n, 9, 16, 45) float32 with showers at the given conditions."""
+                  rng: np.random.Generator, out: np.ndarray, particle: str = PHOTON) -> None:
+    """Fill `out` (n, 9, 16, 45) float32 with `particle` showers at the given conditions."""
+    part = PARTICLE_SHOWERS[particle]
     n = len(e_mev)
     e_gev = np.asarray(e_mev, np.float64) / 1000.0
     normals = rng.standard_normal((n, 2))
-    centre = rng.standard_normal((n, 2)) * (CENTRE_SPREAD * det.rm_mm / np.sqrt(e_gev))[:, None]
-    lam = _fractions(det, e_mev, phi, theta, normals, centre).reshape(n, -1)
+    centre = rng.standard_normal((n, 2)) * (CENTRE_SPREAD * det.rm_mm * part.width_scale / np.sqrt(e_gev))[:, None]
+    start = None  # depth (mm) of a hadron's first interaction: the path length times sin(theta)
+    if part.interaction_x0 is not None:
+        start = rng.exponential(part.interaction_x0 * det.x0_mm, n) * np.sin(np.asarray(theta, np.float64))
+    lam = _fractions(det, e_mev, phi, theta, normals, centre, part, start).reshape(n, -1)
     contained = lam.sum(axis=1, dtype=np.float64)
     # (1 + spread^2) E / a^2 spots inside the mesh give sigma / mu = a / sqrt(E) for the deposit.
-    spots = (1 + SPOT_SPREAD**2) * e_gev / det.stochastic_term**2
-    lam *= (spots / contained).astype(np.float32)[:, None]
+    spots = (1 + SPOT_SPREAD**2) * e_gev / (det.stochastic_term * part.fluctuation) ** 2
+    lam *= np.divide(spots, contained, out=np.zeros(n), where=contained > 0).astype(np.float32)[:, None]
     hit, energy = _spot_energy(lam.reshape(-1), rng)
-    spot_mev = (det.sampling_fraction * e_gev * 1000.0 * contained / spots).astype(np.float32)
+    spot_mev = (det.sampling_fraction * part.response * e_gev * 1000.0 * contained / spots).astype(np.float32)
     energy *= np.repeat(spot_mev, np.diff(np.searchsorted(hit, np.arange(n + 1) * lam.shape[1])))
-    energy[energy < THRESHOLD_MEV] = 0.0
     flat = out.reshape(-1)
     flat[:] = 0.0
     flat[hit] = energy
+    if start is not None:
+        _add_mip_track(det, theta, start, rng, out)
+    flat[flat < THRESHOLD_MEV] = 0.0
+
+
+def _add_mip_track(det: Detector, theta, start_mm: np.ndarray, rng: np.random.Generator, out: np.ndarray) -> None:
+    """A charged hadron's ionisation before its first interaction: MIP_MEV_PER_X0 per X0 of path, visible by the
+    sampling fraction and spread like a spot, in the axis cells (r = 0, one phi cell a shower) of the layers in
+    front of `start_mm`."""
+    n = len(start_mm)
+    path_x0 = DZ_MM / (np.sin(np.asarray(theta, np.float64)) * det.x0_mm)  # X0 crossed per layer
+    mean = (MIP_MEV_PER_X0 * det.sampling_fraction * path_x0).astype(np.float32)
+    track = (_Z_MID[None, :] < start_mm[:, None]).astype(np.float32)  # (n, 45)
+    if det.structure == "gaps_cracks":
+        track[:, DEAD_Z_CELLS] = 0.0
+    spread = rng.standard_normal((n, N_Z), dtype=np.float32) * np.float32(math.sqrt(math.log(1 + SPOT_SPREAD**2)))
+    loss = mean[:, None] * np.exp(spread - spread.dtype.type(0.5 * math.log(1 + SPOT_SPREAD**2))) * track
+    column = rng.integers(0, N_PHI, n)
+    out[np.arange(n), 0, column, :] += loss
 
 
 def iter_generate(detector: str, n: int, seed: int, energy=None, phi=None, theta=None, chunk: int = CHUNK,
-                  progress: Callable[[int], object] | None = None) -> Iterator[Showers]:
+                  progress: Callable[[int], object] | None = None,
+                  particles: Iterable[str] = (PHOTON,)) -> Iterator[Showers]:
     """`n` synthetic showers for `detector`, yielded `chunk` at a time (memory stays bounded for any n).
 
     energy (MeV), phi and theta (rad) given as scalars or (n,) arrays are used as they are (fixed-point
-    generation); missing ones are drawn uniformly over the detector's ranges. `progress(k)` is called after
-    each chunk of k showers (a tqdm bar's `update`).
+    generation); missing ones are drawn uniformly over the detector's ranges. Each shower's particle is drawn
+    uniformly from `particles` (photons only: the same showers as before particles existed). `progress(k)` is
+    called after each chunk of k showers (a tqdm bar's `update`).
     """
     det = get_detector(detector)
-    if n < 0 or chunk < 1:
-        raise ValueError(f"need n >= 0 and chunk >= 1, got n={n}, chunk={chunk}")
+    particles = list(particles)
+    codes = np.array([particle_code(p) for p in particles], np.int32)
+    if n < 0 or chunk < 1 or not particles:
+        raise ValueError(f"need n >= 0, chunk >= 1 and a particle, got n={n}, chunk={chunk}, particles={particles}")
     cond_seed, shower_seed = np.random.SeedSequence(seed).spawn(2)
-    energy, phi, theta = conditions(det.name, n, np.random.default_rng(cond_seed), energy, phi, theta)
+    cond_rng = np.random.default_rng(cond_seed)
+    energy, phi, theta = conditions(det.name, n, cond_rng, energy, phi, theta)
+    which = cond_rng.integers(0, len(particles), n) if len(particles) > 1 else np.zeros(n, np.int64)
     rng = np.random.default_rng(shower_seed)
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         showers = np.empty((sl.stop - start, *SHAPE), np.float32)
-        _sample_chunk(det, energy[sl], phi[sl], theta[sl], rng, showers)
+        for k, particle in enumerate(particles):
+            m = which[sl] == k
+            if m.all():
+                _sample_chunk(det, energy[sl], phi[sl], theta[sl], rng, showers, particle)
+            elif m.any():
+                part = np.empty((int(m.sum()), *SHAPE), np.float32)
+                _sample_chunk(det, energy[sl][m], phi[sl][m], theta[sl][m], rng, part, particle)
+                showers[m] = part
         if progress is not None:
             progress(sl.stop - start)
-        yield Showers(showers, energy[sl], phi[sl], theta[sl])
+        yield Showers(showers, energy[sl], phi[sl], theta[sl], codes[which[sl]])
 
 
 def generate(detector: str, n: int, seed: int, energy=None, phi=None, theta=None, chunk: int = CHUNK,
-             progress: Callable[[int], object] | None = None) -> Showers:
+             progress: Callable[[int], object] | None = None, particles: Iterable[str] = (PHOTON,)) -> Showers:
     """`n` synthetic showers in memory (see `iter_generate`)."""
-    parts = list(iter_generate(detector, n, seed, energy, phi, theta, chunk, progress))
+    parts = list(iter_generate(detector, n, seed, energy, phi, theta, chunk, progress, particles))
     if not parts:
         return Showers(np.empty((0, *SHAPE), np.float32), *(np.empty(0, np.float32) for _ in range(3)))
     return Showers.concat(parts)
@@ -289,11 +355,13 @@ def detector_seed(seed: int, detector: str) -> int:
 
 
 def synthesize(out_dir: str | Path, detectors: Iterable[str], n: int, seed: int,
-               progress: bool = False) -> list[Path]:
-    """Write `out_dir/<detector>.h5` (LEMURS) with `n` showers of each detector, labelled as synthetic.
+               progress: bool = False, particles: Iterable[str] = (PHOTON,)) -> list[Path]:
+    """Write `out_dir/<detector>.h5` (LEMURS) with `n` showers of each detector, labelled as synthetic, each
+    shower's particle drawn from `particles` (its PDG code in the file).
 
     `progress` shows one tqdm bar over all showers.
     """
+    particles = list(particles)
     detectors = [get_detector(name).name for name in detectors]
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -304,6 +372,6 @@ def synthesize(out_dir: str | Path, detectors: Iterable[str], n: int, seed: int,
             path = Path(out_dir) / f"{name}.h5"
             write_stream(path, "lemurs", n,
                          {"detector": name, "synthetic": True, "generator": GENERATOR, "seed": seed},
-                         iter_generate(name, n, detector_seed(seed, name), progress=bar.update))
+                         iter_generate(name, n, detector_seed(seed, name), progress=bar.update, particles=particles))
             paths.append(path)
     return paths
