@@ -169,6 +169,8 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
           mode: Literal["full", "lora", "conditioning"] | None = typer.Option(
               None, "--mode", help="What to train: every weight, LoRA adapters, or the conditioning only."),
           n_train: int | None = typer.Option(None, "--n-train", min=1, help="Use the first N showers (default: all)."),
+          particle: str | None = typer.Option(None, "--particle", help="Add this particle (photon | electron | pion) "
+                                              "in a free particle slot; --detector may be one the model knows."),
           out: Path | None = typer.Option(None, "--out", help="Output folder (overrides output_dir)."),
           set_: list[str] | None = SetOpt,
           resume: bool = typer.Option(False, "--resume", help="Continue an interrupted adaptation in its folder.")):
@@ -184,7 +186,7 @@ def adapt(recipe: Path | None = typer.Argument(None, help="YAML recipe, e.g. rec
 
     cfg = load_config(recipe, set_)
     flags = {"pretrained": pretrained, "pretrained_cd": pretrained_cd, "detector": detector, "data": data,
-             "mode": mode, "n_train": n_train}
+             "mode": mode, "n_train": n_train, "particle": particle}
     for key, value in flags.items():
         if value is not None:
             setattr(cfg.adapt, key, value)
@@ -208,7 +210,9 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
              theta: float | None = typer.Option(None, "--theta", help="Fixed polar angle in rad."),
              phi: float | None = typer.Option(None, "--phi", help="Fixed azimuth in rad."),
              conditions: Path | None = typer.Option(None, "--conditions",
-                                                       help="Take (E, theta, phi) from this shower file."),
+                                                       help="Take (E, theta, phi, particle) from this shower file."),
+             particle: str = typer.Option("photon", "--particle", help="photon | electron | pion: one the model has "
+                                          "a particle slot for (ignored with --conditions)."),
              steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the model's)."),
              batch_size: int = typer.Option(64, "--batch-size", min=1, help="Showers per forward pass (64: measured "
                                             "on CPUs, benchmarks/generation.md; e.g. --batch-size 1024 on a GPU)."),
@@ -241,7 +245,7 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
 
     path = generate_to_file(model, detector, out, n=n, energy_gev=energy, theta=theta, phi=phi,
                             conditions=conditions, steps=steps, batch_size=batch_size, seed=seed, fmt=fmt,
-                            precision=precision, backend=backend)
+                            precision=precision, backend=backend, particle=particle)
     if path is not None:
         typer.echo(f"wrote {path}")
 

@@ -14,6 +14,7 @@ from typing import Any, Union
 import yaml
 
 from calofm.geometry import PRETRAIN_DETECTORS
+from calofm.particles import PARTICLES
 
 
 class ConfigError(ValueError):
@@ -30,8 +31,14 @@ class ModelConfig:
     patch: list[int] | None = None     # (r, phi, z) cells per token; must tile the 9 x 16 x 45 mesh
     n_free_slots: int = 1              # F free one-hot slots for adaptation (K + F = 5 in the Par04 contract)
     objective: str = "edm"             # edm (CaloDiT-2's) | fm: flow matching (the `fm` section)
+    particles: list[str] = field(default_factory=list)  # [] photons only, as CaloDiT-2; else a particle one-hot
+    n_free_particle_slots: int = 0     # ... with this many free slots for `calofm adapt --particle`
 
     def __post_init__(self):
+        for name in self.particles:
+            if name not in PARTICLES:
+                raise ConfigError(f"model.particles: unknown particle {name!r}; known: {', '.join(PARTICLES)}")
+        _at_least(self, "model", 0, "n_free_particle_slots")
         if self.objective not in ("edm", "fm"):
             raise ConfigError(f"model.objective must be edm or fm (cd models come from `calofm distill`), got "
                               f"{self.objective!r}")
@@ -151,6 +158,7 @@ class AdaptConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "adaLN"])
     cd_steps: int | None = None        # stage 2 steps (default: train.steps; 0: EDM stage only)
+    particle: str = ""                 # add this particle in a free particle slot (detector: new or already known)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from calofm.data.transforms import Normalizer, kinematics
 from calofm.diffusion import DEPOSIT_STEPS, network_evaluations, sample, sampler_steps
 from calofm.geometry import DR_MM, DZ_MM, E_MIN_MEV, EMAX_GLOBAL_MEV, N_CELLS, PHI_RANGE, SHAPE, THETA_RANGE
 from calofm.io import atomic_path, atomic_write_text
+from calofm.particles import PHOTON
 
 CONTRACT_SLOTS = ("par04_siw", "par04_scipb", "odd", "fccee_cld", "new")
 INPUT_LAYOUT = ("energy_gev", "phi_rad", "theta_rad", *(f"onehot_{s}" for s in CONTRACT_SLOTS))
@@ -90,11 +91,22 @@ class Par04Generator(nn.Module):
         n = self.normalizer
         response = [n.response[slots[s]] if n.uses_response and slots[s] else 1.0 for s in CONTRACT_SLOTS]
         self.register_buffer("slot_response", torch.tensor(response), persistent=False)
+        # the contract is photons: a model with particle slots gets its photon one-hot
+        photon = torch.zeros(1, model.n_particle_slots)
+        if model.n_particle_slots:
+            if PHOTON not in model.particle_map:
+                raise ValueError(f"the Par04 contract is photons, but the model has no photon slot; its particles: "
+                                 f"{model.particle_map}")
+            photon[0, model.particle_map[PHOTON]] = 1.0
+        self.register_buffer("photon", photon, persistent=False)
 
     def model_conditions(self, inputs: torch.Tensor) -> torch.Tensor:
         """The model's condition vector, laid out as `calofm.data.transforms.encode_conditions` lays it out."""
         k = kinematics(inputs[:, 0] * 1000.0, inputs[:, 2], inputs[:, 1])
-        return torch.cat([k, inputs[:, 3:] @ self.slot_matrix], 1)
+        parts = [k, inputs[:, 3:] @ self.slot_matrix]
+        if self.photon.shape[1]:  # a constant of the model: the traced graph has no branch
+            parts.append(self.photon.expand(inputs.shape[0], -1))
+        return torch.cat(parts, 1)
 
     def forward(self, inputs: torch.Tensor, noise: torch.Tensor | None = None,
                 deposit_noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from calofm.diffusion import sample, sampler_steps
 from calofm.export import CONTRACT_SLOTS, INPUT_LAYOUT
 from calofm.export import PRECISIONS as EXPORT_PRECISIONS
 from calofm.geometry import SHAPE
+from calofm.particles import NAMES, PARTICLES, PHOTON, particle_code
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # Showers per forward pass: on a CPU the cost per shower is flat from batch 16 to 256, but at 256 the allocator's
@@ -68,6 +69,20 @@ def detector_slot(model, detector: str) -> int:
     if detector not in model.slot_map:
         raise ValueError(f"detector {detector!r} has no slot in this model; its slot map is {model.slot_map}")
     return model.slot_map[detector]
+
+
+def particle_slots(model, pdg: np.ndarray) -> np.ndarray | None:
+    """Each shower's particle slot from its PDG code; None for a photon-only model (no particle slots), which can
+    only be asked for photons."""
+    lookup = {PARTICLES[p]: s for p, s in model.particle_map.items()} if model.n_particle_slots else {
+        PARTICLES[PHOTON]: None}
+    bad = ~np.isin(pdg, list(lookup))
+    if bad.any():
+        code = int(pdg[bad][0])
+        known = ", ".join(NAMES[c] for c in lookup)
+        raise ValueError(f"this model has no slot for the {NAMES.get(code, code)} (PDG {code}); it knows: {known}"
+                         + ("" if model.n_particle_slots else " (a photon-only model)"))
+    return np.vectorize(lookup.__getitem__, otypes=[np.int64])(pdg) if model.n_particle_slots else None
 
 
 class OrtGenerator:
@@ -139,8 +154,10 @@ def shower_noise(seed: int, index: np.ndarray, steps: int, multistep: bool, devi
 @torch.no_grad()
 def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | None = None,
                      batch_size: int = DEFAULT_BATCH, seed: int = 0, first_index: int = 0, precision: str = "fp32",
-                     backend: str = "torch", progress: Callable[[int], None] | None = None) -> Showers:
-    """One shower per (energy MeV, theta, phi); the model's own sampler (EDM Heun or CD) and step default.
+                     backend: str = "torch", progress: Callable[[int], None] | None = None,
+                     pdg=PARTICLES[PHOTON]) -> Showers:
+    """One shower per (energy MeV, theta, phi[, pdg: the particle's PDG code, one or one a shower]); the model's
+    own sampler (EDM Heun, FM or CD) and step default.
     Shower i's noise depends only on (seed, first_index + i). `precision`: fp32, bf16 (autocast) or int8
     (`with_precision`). `backend` onnxruntime runs the exported Par04 graph on the same noise (fp32 or int8;
     cells under its 0.5 keV cut are zero; a multistep CD sampler re-noises with onnxruntime's own noise).
@@ -152,7 +169,11 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     energy, theta, phi = (np.asarray(a, dtype=np.float32).reshape(-1) for a in (energy, theta, phi))
-    slot = detector_slot(base, detector)
+    pdg = np.broadcast_to(np.asarray(pdg, dtype=np.int32).reshape(-1), energy.shape)
+    slot, particles = detector_slot(base, detector), particle_slots(base, pdg)
+    if backend == "onnxruntime" and base.n_particle_slots:
+        raise ValueError("the onnxruntime backend runs the Par04 graph, which is the photon contract; use the "
+                         "torch backend for a model with particle slots")
     model = with_backend(model, backend, precision, steps, detector)
     if isinstance(model, OrtGenerator):
         return _generate_ort(model, detector, energy, theta, phi, batch_size, seed, first_index, progress)
@@ -163,7 +184,8 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     out = []
     for start in range(0, len(energy), batch_size):
         sl = slice(start, start + batch_size)
-        cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots).to(device)
+        cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots,
+                                 None if particles is None else particles[sl], model.n_particle_slots).to(device)
         index = first_index + np.arange(start, start + cond.shape[0])
         noise, deposit_noise, renoise = shower_noise(seed, index, steps, model.objective == "cd" and steps > 1,
                                                      device)
@@ -174,7 +196,7 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
         if progress is not None:
             progress(cond.shape[0])
     showers = np.concatenate(out) if out else np.zeros((0, *SHAPE), np.float32)
-    return Showers(showers.astype(np.float32), energy, phi, theta)
+    return Showers(showers.astype(np.float32), energy, phi, theta, pdg)
 
 
 def _generate_ort(run: OrtGenerator, detector: str, energy: np.ndarray, theta: np.ndarray, phi: np.ndarray,
@@ -195,27 +217,28 @@ def _generate_ort(run: OrtGenerator, detector: str, energy: np.ndarray, theta: n
     return Showers(showers.astype(np.float32), energy, phi, theta)
 
 
-def _conditions_of(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(energy, phi, theta) of every shower in a file, read and validated chunk by chunk (bounded memory)."""
+def _conditions_of(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(energy, phi, theta, pdg) of every shower in a file, read and validated chunk by chunk (bounded memory)."""
     from calofm.data.formats import open_showers
 
     parts = []
     with open_showers(path) as f:
         for s in f.iter_chunks(4096):
-            parts.append((s.energy, s.phi, s.theta))
+            parts.append((s.energy, s.phi, s.theta, s.pdg))
     return tuple(np.concatenate(a) for a in zip(*parts))
 
 
 def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energy_gev: float | None = None,
                      theta: float | None = None, phi: float | None = None, conditions=None,
                      steps: int | None = None, batch_size: int = DEFAULT_BATCH, seed: int = 0, fmt: str = "lemurs",
-                     precision: str = "fp32", backend: str = "torch"):
+                     precision: str = "fp32", backend: str = "torch", particle: str = PHOTON):
     """The `calofm generate` job: conditions, split over processes (torchrun), streamed into one file. The model
     is quantised or exported (`with_backend`) once, before the first batch.
 
     Each batch is written as soon as it is made (`write_stream`), so memory does not grow with `n`; under
     torchrun each process streams its share into a hidden part file beside `out`, and the main process streams
-    the parts into `out`. Every file appears under its name only once complete (atomic rename)."""
+    the parts into `out`. Every file appears under its name only once complete (atomic rename). The particle is
+    `particle`, or with `conditions` each shower's own (a file without particle codes: photons)."""
     from accelerate import PartialState
 
     from calofm.data.formats import FORMATS, open_showers, write_stream
@@ -229,10 +252,12 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
     model = load_model(model_ref)
     detector_slot(model, detector)
     if conditions is not None:
-        e, p, t = _conditions_of(conditions)
+        e, p, t, pdg = _conditions_of(conditions)
     else:  # checked against the detector's ranges before any work is done
         e, p, t = sample_conditions(detector, n, np.random.default_rng(seed),
                                     None if energy_gev is None else energy_gev * 1000.0, phi, theta)
+        pdg = np.full(len(e), particle_code(particle), np.int32)
+    particle_slots(model, pdg)
 
     state = PartialState(cpu=not torch.cuda.is_available())
     model = model.to(state.device)
@@ -248,7 +273,7 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
         batches = (generate_showers(model, detector, e[mine[i:i + batch_size]], t[mine[i:i + batch_size]],
                                     p[mine[i:i + batch_size]], steps=steps, batch_size=batch_size, seed=seed,
                                     first_index=first + i, precision=precision, backend=backend,
-                                    progress=bar.update)
+                                    progress=bar.update, pdg=pdg[mine[i:i + batch_size]])
                    for i in range(0, len(mine), batch_size))
         if len(mine):
             write_stream(target, fmt, len(mine), attrs, batches)

@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from calofm.data.formats import ShowerFile, Showers, open_showers
 from calofm.data.transforms import Normalizer, deposit, encode_conditions
 from calofm.geometry import get_detector
+from calofm.particles import NAMES, PARTICLES, PHOTON
 
 
 def find_detector_files(source: str | Path, detectors: list[str]) -> dict[str, Path]:
@@ -110,16 +111,22 @@ class _Cursor:
 
 
 class ShowerStream(IterableDataset):
-    """Infinite stream of batches {x, cond, slot[, deposit]}: x normalised (B, 9, 16, 45), cond (B, N_COND + n_slots),
-    and for a normaliser with unit `deposit` the encoded E_dep (B, 1)."""
+    """Infinite stream of batches {x, cond, slot[, deposit]}: x normalised (B, 9, 16, 45), cond (B, N_COND + n_slots
+    [+ n_particle_slots]), and for a normaliser with unit `deposit` the encoded E_dep (B, 1). A model without
+    particle slots learns photons only; any other particle in its files is an error naming the file."""
 
     def __init__(self, files: dict[str, Path], slot_map: dict[str, int], n_slots: int, normalizer: Normalizer,
                  batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start_batch: int = 0,
-                 chunk_size: int = 512, max_per_detector: int | None = None):
+                 chunk_size: int = 512, max_per_detector: int | None = None,
+                 particle_map: dict[str, int] | None = None, n_particle_slots: int = 0):
         missing = [d for d in files if d not in slot_map]
         if missing:
             raise ValueError(f"detector {missing[0]!r} has no slot in the model's slot map {slot_map}")
         self.files, self.slot_map, self.n_slots, self.normalizer = files, slot_map, n_slots, normalizer
+        self.n_particle_slots = n_particle_slots
+        # PDG code -> particle slot (a photon-only model: photons, slot unused)
+        self.particle_slots = ({PARTICLES[p]: s for p, s in (particle_map or {}).items()} if n_particle_slots
+                               else {PARTICLES[PHOTON]: 0})
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self.start_batch, self.chunk_size = start_batch, chunk_size
         self.names = list(files)
@@ -176,12 +183,30 @@ class ShowerStream(IterableDataset):
         names = [n for n, c in zip(self.names, counts) for _ in range(c)]
         unit = self.normalizer.unit_mev(s.energy, names, s.showers)
         x = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
-        cond = encode_conditions(s.energy, s.theta, s.phi, torch.from_numpy(slots), self.n_slots)
+        particles = self._particle_slots(parts, counts)
+        cond = encode_conditions(s.energy, s.theta, s.phi, torch.from_numpy(slots), self.n_slots, particles,
+                                 self.n_particle_slots)
         batch = {"x": x, "cond": cond, "slot": torch.from_numpy(slots)}
         if self.normalizer.has_deposit:
             expected = self.normalizer.expected_deposit(s.energy, names)
             batch["deposit"] = torch.from_numpy(self.normalizer.encode_deposit(unit, expected).astype(np.float32))
         return batch
+
+
+    def _particle_slots(self, parts: list[Showers], counts: list[int]) -> torch.Tensor:
+        out = []
+        for name, part, c in zip(self.names, parts, counts):
+            if not c:
+                continue
+            bad = ~np.isin(part.pdg, list(self.particle_slots))
+            if bad.any():
+                code = int(part.pdg[bad][0])
+                has = (f"particle slots only for {', '.join(NAMES[c] for c in self.particle_slots)}"
+                       if self.n_particle_slots else "no particle slots: it learns photons (set model.particles)")
+                raise ValueError(f"{self.files[name]}: holds {NAMES.get(code, code)} showers (PDG {code}), but the "
+                                 f"model has {has}")
+            out.append(np.vectorize(self.particle_slots.__getitem__, otypes=[np.int64])(part.pdg))
+        return torch.from_numpy(np.concatenate(out))
 
 
 class _Buffered:

@@ -214,12 +214,19 @@ def kinematics(energy_mev: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor)
     return torch.cat([log_e[:, None], theta[:, None] / math.pi, torch.sin(k_phi), torch.cos(k_phi)], 1)
 
 
-def encode_conditions(energy_mev, theta, phi, slot, n_slots: int) -> torch.Tensor:
-    """kinematics + one-hot(slot): the model's condition vector, (B, N_COND + n_slots)."""
+def encode_conditions(energy_mev, theta, phi, slot, n_slots: int, particle=None,
+                      n_particle_slots: int = 0) -> torch.Tensor:
+    """kinematics + one-hot(detector slot) [+ one-hot(particle slot), for a model with particle slots]: the
+    model's condition vector, (B, N_COND + n_slots + n_particle_slots)."""
     e = torch.as_tensor(energy_mev, dtype=torch.float32).reshape(-1)
     t = torch.as_tensor(theta, dtype=torch.float32).reshape(-1)
     p = torch.as_tensor(phi, dtype=torch.float32).reshape(-1)
-    s = torch.as_tensor(slot, dtype=torch.long).reshape(-1).expand(e.shape[0])
-    if (s < 0).any() or (s >= n_slots).any():
-        raise ValueError(f"detector slot {s.max().item()} outside the model's {n_slots} one-hot slots")
-    return torch.cat([kinematics(e, t, p), torch.nn.functional.one_hot(s, n_slots).float()], 1)
+    parts = [kinematics(e, t, p)]
+    for what, index, n in (("detector", slot, n_slots), ("particle", particle, n_particle_slots)):
+        if what == "particle" and not n:
+            break
+        s = torch.as_tensor(index, dtype=torch.long).reshape(-1).expand(e.shape[0])
+        if (s < 0).any() or (s >= n).any():
+            raise ValueError(f"{what} slot {s.max().item()} outside the model's {n} one-hot slots")
+        parts.append(torch.nn.functional.one_hot(s, n).float())
+    return torch.cat(parts, 1)

@@ -68,7 +68,7 @@ def denoiser(model: torch.nn.Module, params: EDMParams = EDMParams(), objective:
 
 
 def deposit_denoiser(model: torch.nn.Module) -> Denoiser:
-    """The EDM denoiser of a model's total deposit y (B, 1), conditioned on (B, N_COND + n_slots)."""
+    """The EDM denoiser of a model's total deposit y (B, 1), conditioned on (B, model.n_cond)."""
     return denoiser(model.deposit_net, DEPOSIT_PARAMS, objective="edm")
 
 

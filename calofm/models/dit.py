@@ -144,7 +144,8 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
     def __init__(self, preset: str = "tiny", depth: int | None = None, width: int | None = None,
                  heads: int | None = None, mlp_dim: int | None = None, patch: list[int] | tuple | None = None,
                  n_slots: int = 5, slot_map: dict[str, int] | None = None, normalizer: dict | None = None,
-                 objective: str = "edm", sampler: dict | None = None, provenance: dict | None = None):
+                 objective: str = "edm", sampler: dict | None = None, provenance: dict | None = None,
+                 n_particle_slots: int = 0, particle_map: dict[str, int] | None = None):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -166,6 +167,12 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         self.slot_map = dict(slot_map or {})
         if any(not 0 <= s < n_slots for s in self.slot_map.values()):
             raise ValueError(f"slot map {self.slot_map} has slots outside 0..{n_slots - 1}")
+        # particle one-hot slots (`calofm.particles` names); none: a photon-only model, as CaloDiT-2's
+        self.n_particle_slots = n_particle_slots
+        self.particle_map = dict(particle_map or {})
+        if any(not 0 <= s < n_particle_slots for s in self.particle_map.values()):
+            raise ValueError(f"particle map {self.particle_map} has slots outside 0..{n_particle_slots - 1}")
+        self.n_cond = N_COND + n_slots + n_particle_slots  # kinematics, detector and particle one-hots
         self.normalizer = normalizer
         self.objective = objective
         self.sampler = dict(sampler or {})
@@ -173,11 +180,11 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
 
         w, cond_dim = self.width, 2 * self.width
         draws_deposit = (normalizer or {}).get("unit") == "deposit"
-        self.deposit_net = DepositNet(N_COND + n_slots) if draws_deposit else None
+        self.deposit_net = DepositNet(self.n_cond) if draws_deposit else None
         self.patch_embed = nn.Conv3d(1, w, kernel_size=self.patch, stride=self.patch)
         self.register_buffer("pos_embed", sincos_3d(self.grid, w), persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
-        self.cond_embed = nn.Sequential(nn.Linear(N_COND + n_slots + draws_deposit, w), nn.SiLU(), nn.Linear(w, w))
+        self.cond_embed = nn.Sequential(nn.Linear(self.n_cond + draws_deposit, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(DiTBlock(w, self.heads, self.mlp_dim, cond_dim) for _ in range(self.depth))
         self.final = FinalLayer(w, math.prod(self.patch), cond_dim)
         self._init_weights()
@@ -202,7 +209,7 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return cls(preset=name, **{**PRESETS[name], **overrides})
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, 9, 16, 45), c_noise (B,), cond (B, N_COND + n_slots [+ 1: the encoded deposit]) -> (B, 9, 16, 45)."""
+        """x (B, 9, 16, 45), c_noise (B,), cond (B, n_cond [+ 1: the encoded deposit]) -> (B, 9, 16, 45)."""
         # contiguous tokens: the conv's output viewed as (b, n, c) keeps channel-first strides, which every later
         # element-wise op would inherit, so each LayerNorm over c would read strided memory and copy
         h = rearrange(self.patch_embed(x[:, None]), "b c r p z -> b (r p z) c").contiguous() + self.pos_embed

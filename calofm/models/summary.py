@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from calofm.data.transforms import N_COND
 from calofm.geometry import SHAPE
 from calofm.models.dit import CaloDiT
 
 
 def forward_flops(model: CaloDiT) -> int:
     x = torch.zeros(1, *SHAPE)
-    cond = torch.zeros(1, N_COND + model.n_slots + (model.deposit_net is not None))  # + the encoded deposit
+    cond = torch.zeros(1, model.n_cond + (model.deposit_net is not None))  # + the encoded deposit
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, torch.zeros(1), cond)
     return counter.get_total_flops()

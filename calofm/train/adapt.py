@@ -38,6 +38,7 @@ from calofm.geometry import get_detector
 from calofm.hub import load_model
 from calofm.io import atomic_dir
 from calofm.models.dit import CaloDiT
+from calofm.particles import particle_code
 from calofm.pretrained import shipped_root
 from calofm.train.distill import CDObjective, cd_sampler, student_from
 from calofm.train.loop import make_accelerator, save_model, train
@@ -73,17 +74,19 @@ def resolve_pretrained(pretrained: str, pretrained_cd: str = "") -> tuple[str, s
 
 
 def allocate_slot(slot_map: dict[str, int], n_slots: int, detector: str, continue_slot: bool = False,
-                  source: str = "the pretrained model") -> int:
-    """The one-hot slot for `detector`: its own slot when continuing, else the lowest free one; never a reuse."""
+                  source: str = "the pretrained model", what: str = "detector") -> int:
+    """The one-hot slot for `detector` (or particle, `what`): its own slot when continuing, else the lowest free
+    one; never a reuse."""
     if detector in slot_map:
         if continue_slot:
             return slot_map[detector]
-        raise ValueError(f"detector {detector!r} already has slot {slot_map[detector]} in {source}; to train that "
-                         "slot further set adapt.continue_slot=true, or adapt under another detector name")
+        raise ValueError(f"{what} {detector!r} already has slot {slot_map[detector]} in {source}; to train that "
+                         f"slot further set adapt.continue_slot=true, or adapt under another {what} name")
     free = sorted(set(range(n_slots)) - set(slot_map.values()))
     if not free:
+        option = "model.n_free_slots" if what == "detector" else "model.n_free_particle_slots"
         raise ValueError(f"no free one-hot slot in {source}: all {n_slots} slots are taken ({slot_map}); pretrain "
-                         "with more free slots (model.n_free_slots) to adapt to another detector")
+                         f"with more free slots ({option}) to adapt to another {what}")
     return free[0]
 
 
@@ -167,7 +170,15 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
     base_cd = load_model(cd_ref) if cd_ref else None
     if base_cd is not None:
         _check_cd(base, base_cd, edm_ref, cd_ref)
-    slot = allocate_slot(base.slot_map, base.n_slots, a.detector, a.continue_slot, edm_ref)
+    if a.particle:  # a new particle, on a detector the model knows or a new one
+        particle_code(a.particle)
+        known = a.detector in base.slot_map
+        slot = base.slot_map[a.detector] if known else allocate_slot(base.slot_map, base.n_slots, a.detector)
+        particle_map = {**base.particle_map, a.particle: allocate_slot(
+            base.particle_map, base.n_particle_slots, a.particle, a.continue_slot, edm_ref, "particle")}
+    else:
+        slot = allocate_slot(base.slot_map, base.n_slots, a.detector, a.continue_slot, edm_ref)
+        particle_map = base.particle_map
     slot_map = {**base.slot_map, a.detector: slot}
 
     files = find_detector_files(a.data, [a.detector])
@@ -182,7 +193,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         # the one number a new detector brings to the frozen transform: its mean E_dep / E_inc
         normalizer = normalizer.with_response(a.detector, detector_response(files[a.detector], n_train))
     provenance = {"base_model": edm_ref, "detector": a.detector, "slot": slot, "mode": a.mode, "data": str(a.data),
-                  "n_train": n_train}
+                  "n_train": n_train, **({"particle": a.particle} if a.particle else {})}
     lora = dict(lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                 lora_targets=a.lora_targets)
 
@@ -195,7 +206,8 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         accelerator = make_accelerator(stage)
         accelerator.print(f"adapting {edm_ref} to {a.detector} in slot {slot} ({a.mode}, {n_train} showers)")
         torch.manual_seed(cfg.train.seed)
-        net = select_trainable(base.with_config(slot_map=slot_map, normalizer=normalizer.to_dict(), provenance={
+        net = select_trainable(base.with_config(slot_map=slot_map, particle_map=particle_map,
+                                                normalizer=normalizer.to_dict(), provenance={
             **provenance, "stage": "adapt-edm", "steps": stage.train.steps}), a.mode, **lora)
         fm = FMParams(cfg.fm.t_mean, cfg.fm.t_std) if base.objective == "fm" else None
         objective = PretrainObjective(training_params(sampler_params(base), cfg.edm, edm_ref), fm)
@@ -214,7 +226,8 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
                          "steps": stage.train.steps, "teacher": str(edm_dir),
                          "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
         if base_cd is not None:
-            student = base_cd.with_config(slot_map=slot_map, normalizer=normalizer.to_dict(), provenance=cd_provenance)
+            student = base_cd.with_config(slot_map=slot_map, particle_map=particle_map, normalizer=normalizer.to_dict(),
+                                          provenance=cd_provenance)
             if student.deposit_net is not None:  # the deposit is drawn by the adapted EDM's net (see distill.py)
                 student.deposit_net.load_state_dict(edm.deposit_net.state_dict())
         else:

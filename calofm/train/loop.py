@@ -117,7 +117,8 @@ def train(cfg: RunConfig, model: nn.Module, objective: Objective, files: dict[st
     stream = ShowerStream(files, model.slot_map, model.n_slots, normalizer, t.batch_size, seed=t.seed,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
                           start_batch=step * t.grad_accum, chunk_size=cfg.data.chunk_size,
-                          max_per_detector=cfg.data.max_per_detector)
+                          max_per_detector=cfg.data.max_per_detector, particle_map=model.particle_map,
+                          n_particle_slots=model.n_particle_slots)
     batches = iter(DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers))
     log = None
     if accelerator.is_main_process:

@@ -66,6 +66,9 @@ class PretrainObjective:
 def build_model(cfg: ModelConfig, **config) -> CaloDiT:
     overrides = {k: v for k, v in (("depth", cfg.depth), ("width", cfg.width), ("heads", cfg.heads),
                                    ("mlp_dim", cfg.mlp_dim), ("patch", cfg.patch)) if v is not None}
+    if cfg.particles:
+        overrides.update(particle_map={p: i for i, p in enumerate(cfg.particles)},
+                         n_particle_slots=len(cfg.particles) + cfg.n_free_particle_slots)
     return CaloDiT.from_preset(cfg.preset, **overrides, **config)
 
 
