@@ -175,7 +175,7 @@ def test_resume_equals_uninterrupted_run(distilled, data_dir, tiny_edm, tmp_path
 def test_distill_refuses_a_missing_or_non_edm_teacher(distilled, data_dir, tmp_path):
     with pytest.raises(ValueError, match="distill.teacher is not set"):
         distill(distill_cfg(data_dir, "", tmp_path / "a", 2))
-    with pytest.raises(ValueError, match="must be an EDM model"):
+    with pytest.raises(ValueError, match="must be an EDM or FM model, but its objective is .cd."):
         distill(distill_cfg(data_dir, distilled, tmp_path / "b", 2))
 
 
