@@ -16,7 +16,7 @@ from calofm.diffusion import sample, sampler_steps
 from calofm.export import CONTRACT_SLOTS, INPUT_LAYOUT
 from calofm.export import PRECISIONS as EXPORT_PRECISIONS
 from calofm.geometry import SHAPE
-from calofm.particles import NAMES, PARTICLES, PHOTON, particle_code
+from calofm.particles import PARTICLES, PHOTON, particle_code, particle_slots
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # Showers per forward pass: on a CPU the cost per shower is flat from batch 16 to 256, but at 256 the allocator's
@@ -69,20 +69,6 @@ def detector_slot(model, detector: str) -> int:
     if detector not in model.slot_map:
         raise ValueError(f"detector {detector!r} has no slot in this model; its slot map is {model.slot_map}")
     return model.slot_map[detector]
-
-
-def particle_slots(model, pdg: np.ndarray) -> np.ndarray | None:
-    """Each shower's particle slot from its PDG code; None for a photon-only model (no particle slots), which can
-    only be asked for photons."""
-    lookup = {PARTICLES[p]: s for p, s in model.particle_map.items()} if model.n_particle_slots else {
-        PARTICLES[PHOTON]: None}
-    bad = ~np.isin(pdg, list(lookup))
-    if bad.any():
-        code = int(pdg[bad][0])
-        known = ", ".join(NAMES[c] for c in lookup)
-        raise ValueError(f"this model has no slot for the {NAMES.get(code, code)} (PDG {code}); it knows: {known}"
-                         + ("" if model.n_particle_slots else " (a photon-only model)"))
-    return np.vectorize(lookup.__getitem__, otypes=[np.int64])(pdg) if model.n_particle_slots else None
 
 
 class OrtGenerator:
@@ -170,7 +156,8 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
             raise ValueError(f"{name} must be >= 1, got {value}")
     energy, theta, phi = (np.asarray(a, dtype=np.float32).reshape(-1) for a in (energy, theta, phi))
     pdg = np.broadcast_to(np.asarray(pdg, dtype=np.int32).reshape(-1), energy.shape)
-    slot, particles = detector_slot(base, detector), particle_slots(base, pdg)
+    slot = detector_slot(base, detector)
+    particles = particle_slots(base.particle_map, base.n_particle_slots, pdg, "this model")
     if backend == "onnxruntime" and base.n_particle_slots:
         raise ValueError("the onnxruntime backend runs the Par04 graph, which is the photon contract; use the "
                          "torch backend for a model with particle slots")
@@ -184,8 +171,8 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     out = []
     for start in range(0, len(energy), batch_size):
         sl = slice(start, start + batch_size)
-        cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots,
-                                 None if particles is None else particles[sl], model.n_particle_slots).to(device)
+        cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots, particles[sl],
+                                 model.n_particle_slots).to(device)
         index = first_index + np.arange(start, start + cond.shape[0])
         noise, deposit_noise, renoise = shower_noise(seed, index, steps, model.objective == "cd" and steps > 1,
                                                      device)
@@ -257,7 +244,7 @@ def generate_to_file(model_ref: str, detector: str, out, *, n: int = 1000, energ
         e, p, t = sample_conditions(detector, n, np.random.default_rng(seed),
                                     None if energy_gev is None else energy_gev * 1000.0, phi, theta)
         pdg = np.full(len(e), particle_code(particle), np.int32)
-    particle_slots(model, pdg)
+    particle_slots(model.particle_map, model.n_particle_slots, pdg, str(model_ref))
 
     state = PartialState(cpu=not torch.cuda.is_available())
     model = model.to(state.device)

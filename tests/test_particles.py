@@ -49,7 +49,8 @@ def test_a_model_of_photons_and_pions_makes_each_with_its_own_depth(mixed_dir, t
     d_pi, d_g = depth(gen["pion"].showers), depth(gen["photon"].showers)
     gap_gen, error = d_pi.mean() - d_g.mean(), math.hypot(d_pi.std(), d_g.std()) / math.sqrt(n)
     assert gap_data > 10 and gap_gen > max(3 * error, 0.25 * gap_data), (gap_data, gap_gen, error)
-    with pytest.raises(ValueError, match=r"no slot for the electron \(PDG 11\); it knows: photon, pion"):
+    with pytest.raises(ValueError, match=r"this model: no particle slot for the electron \(PDG 11\); it knows: "
+                                         r"photon, pion$"):
         generate_showers(model, "odd", *cond, pdg=11)
 
 
@@ -64,8 +65,7 @@ def test_adapt_adds_a_particle_and_training_refuses_particles_without_a_slot(mix
     cfg = load_config(None, [f"adapt.pretrained={base}", "adapt.detector=odd", "adapt.particle=pion",
                              f"adapt.data={mixed_dir / 'odd.h5'}", f"output_dir={tmp_path / 'ad'}", "train.steps=2",
                              "train.batch_size=8", "adapt.cd_steps=0", *FAST])
-    with pytest.raises(ValueError, match=r"odd.h5: holds pion showers \(PDG 211\), but the model has particle "
-                                         r"slots only for photon"):
+    with pytest.raises(ValueError, match=r"odd.h5: no particle slot for the pion \(PDG 211\); it knows: photon$"):
         pretrain(load_config(None, [f"data.dir={mixed_dir}", f"output_dir={tmp_path / 'x'}", "train.steps=2",
                                     "train.batch_size=8", "model.particles=[photon]", *FAST]))
     adapted = load_model(adapt(cfg) / "edm")
@@ -82,5 +82,6 @@ def test_adapt_adds_a_particle_and_training_refuses_particles_without_a_slot(mix
 def test_a_photon_only_model_makes_photons_only(tiny_edm):
     model = load_model(tiny_edm)
     assert model.n_particle_slots == 0 and model.particle_map == {}
-    with pytest.raises(ValueError, match=r"no slot for the pion \(PDG 211\); it knows: photon \(a photon-only model\)"):
+    with pytest.raises(ValueError, match=r"this model: no particle slot for the pion \(PDG 211\); it knows: photon "
+                                         r"\(a photon-only model; set model.particles\)"):
         generate_showers(model, "odd", [2e4], [1.5], [0.3], pdg=211)

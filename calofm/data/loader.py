@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from calofm.data.formats import ShowerFile, Showers, open_showers
 from calofm.data.transforms import Normalizer, deposit, encode_conditions
 from calofm.geometry import get_detector
-from calofm.particles import NAMES, PARTICLES, PHOTON
+from calofm.particles import particle_slots
 
 
 def find_detector_files(source: str | Path, detectors: list[str]) -> dict[str, Path]:
@@ -123,10 +123,7 @@ class ShowerStream(IterableDataset):
         if missing:
             raise ValueError(f"detector {missing[0]!r} has no slot in the model's slot map {slot_map}")
         self.files, self.slot_map, self.n_slots, self.normalizer = files, slot_map, n_slots, normalizer
-        self.n_particle_slots = n_particle_slots
-        # PDG code -> particle slot (a photon-only model: photons, slot unused)
-        self.particle_slots = ({PARTICLES[p]: s for p, s in (particle_map or {}).items()} if n_particle_slots
-                               else {PARTICLES[PHOTON]: 0})
+        self.particle_map, self.n_particle_slots = dict(particle_map or {}), n_particle_slots
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self.start_batch, self.chunk_size = start_batch, chunk_size
         self.names = list(files)
@@ -183,7 +180,9 @@ class ShowerStream(IterableDataset):
         names = [n for n, c in zip(self.names, counts) for _ in range(c)]
         unit = self.normalizer.unit_mev(s.energy, names, s.showers)
         x = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
-        particles = self._particle_slots(parts, counts)
+        particles = torch.from_numpy(np.concatenate([
+            particle_slots(self.particle_map, self.n_particle_slots, p.pdg, str(self.files[n]))
+            for n, p, c in zip(self.names, parts, counts) if c]))
         cond = encode_conditions(s.energy, s.theta, s.phi, torch.from_numpy(slots), self.n_slots, particles,
                                  self.n_particle_slots)
         batch = {"x": x, "cond": cond, "slot": torch.from_numpy(slots)}
@@ -191,22 +190,6 @@ class ShowerStream(IterableDataset):
             expected = self.normalizer.expected_deposit(s.energy, names)
             batch["deposit"] = torch.from_numpy(self.normalizer.encode_deposit(unit, expected).astype(np.float32))
         return batch
-
-
-    def _particle_slots(self, parts: list[Showers], counts: list[int]) -> torch.Tensor:
-        out = []
-        for name, part, c in zip(self.names, parts, counts):
-            if not c:
-                continue
-            bad = ~np.isin(part.pdg, list(self.particle_slots))
-            if bad.any():
-                code = int(part.pdg[bad][0])
-                has = (f"particle slots only for {', '.join(NAMES[c] for c in self.particle_slots)}"
-                       if self.n_particle_slots else "no particle slots: it learns photons (set model.particles)")
-                raise ValueError(f"{self.files[name]}: holds {NAMES.get(code, code)} showers (PDG {code}), but the "
-                                 f"model has {has}")
-            out.append(np.vectorize(self.particle_slots.__getitem__, otypes=[np.int64])(part.pdg))
-        return torch.from_numpy(np.concatenate(out))
 
 
 class _Buffered:
