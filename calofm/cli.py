@@ -72,6 +72,9 @@ def data_synth(
     particle: list[str] = typer.Option(["photon"], "--particle",
                                        help="photon | electron | pion; repeat it for a file of several, each "
                                             "shower's drawn uniformly (its PDG code in the file)."),
+    spectrum: str = typer.Option("uniform", "--spectrum",
+                                 help="Incident energy: uniform (as LEMURS) or log-uniform (equal showers per decade, "
+                                      "for resolution studies)."),
 ) -> None:
     """Synthesise GFlash-parametrised stand-in showers (not Geant4), one LEMURS file per detector.
 
@@ -84,7 +87,8 @@ def data_synth(
         raise ValueError("give exactly one of --detector NAME or --all")
     for name in particle:
         particle_code(name)  # an unknown name is an error before anything is written
-    for path in synthesize(out, list(DETECTORS) if all_ else [detector], n, seed, progress=True, particles=particle):
+    for path in synthesize(out, list(DETECTORS) if all_ else [detector], n, seed, progress=True, particles=particle,
+                           spectrum=spectrum):
         typer.echo(f"wrote {path}")
 
 
@@ -282,8 +286,9 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
              generated: Path = typer.Option(..., "--generated", help="Generated shower file (LEMURS or CaloChallenge)."),
              out: Path = typer.Option(..., "--out", help="Folder for metrics.json, the PNG plots and report.md."),
              metrics: list[str] | None = typer.Option(
-                 None, "--metrics", help="Comma-separated or repeated, from: observables, fpd, kpd (calofm's FPD/KPD), "
-                 "fpd_cc, kpd_cc (the CaloChallenge's), auc_low, auc_high, prdc, fixed_points (default: all)."),
+                 None, "--metrics", help="Comma-separated or repeated, from: response (mean and spread of E_dep / E_inc "
+                 "per energy bin), observables, fpd, kpd (calofm's FPD/KPD), fpd_cc, kpd_cc (the CaloChallenge's), "
+                 "auc_low, auc_high, prdc, fixed_points (default: all)."),
              detector: str | None = typer.Option(None, "--detector", help="Detector name for the report "
                                                     "(default: the files' `detector` attribute)."),
              point: list[str] | None = typer.Option(

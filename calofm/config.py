@@ -145,6 +145,29 @@ class DistillConfig:
 
 
 @dataclass
+class DepositConfig:
+    """The total-deposit net's own fit after the transformer's training (calofm/train/deposit.py): `epochs` passes
+    over the stage's showers in batches of `batch_size` (at least one step), a cosine-decayed learning rate, its
+    own EMA. epochs 0: none (the net as trained beside the transformer). Defaults measured on the shipped model
+    and on adaptation to 1,000 showers (benchmarks/fidelity.md)."""
+    epochs: float = 1000.0
+    batch_size: int = 1024
+    lr: float = 1e-3
+    ema_max: float = 0.999             # as train.ema_max / ema_power
+    ema_power: float = 0.75
+
+    def __post_init__(self):
+        _at_least(self, "deposit", 1, "batch_size")
+        _between(self, "deposit", "epochs", 0.0, math.inf)
+        _between(self, "deposit", "lr", 0.0, math.inf, low_open=True)
+        _between(self, "deposit", "ema_max", 0.0, 1.0)
+
+    def steps(self, n_showers: int) -> int:
+        """Optimiser steps for `epochs` passes over n_showers: 0 when epochs is 0, else at least 1."""
+        return 0 if self.epochs == 0 else max(1, math.ceil(self.epochs * n_showers / self.batch_size))
+
+
+@dataclass
 class AdaptConfig:
     pretrained: str = ""               # pretrained folder holding edm/ and cd/ (or an EDM model)
     pretrained_cd: str = ""            # the pretrained CD model, when `pretrained` is an EDM model (else none)
@@ -170,6 +193,7 @@ class RunConfig:
     edm: EDMConfig = field(default_factory=EDMConfig)
     fm: FMConfig = field(default_factory=FMConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    deposit: DepositConfig = field(default_factory=DepositConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 

@@ -73,6 +73,8 @@ def main() -> None:
     summary = {d: summary[d] for d in detectors}  # every detector, in slot order
 
     provenance = {**model.provenance, "data": "synthetic stand-in (calofm.data.synthetic), see the notes"}
+    if "deposit_fit" in provenance:  # scripts/refit_deposit.py's record names this machine's data folder
+        provenance["deposit_fit"] = {**provenance["deposit_fit"], "data": provenance["data"]}
     if args.kind == "cd":
         provenance.update(teacher=args.name, teacher_provenance={**provenance["teacher_provenance"],
                                                                  "data": provenance["data"]})

@@ -42,7 +42,7 @@ from calofm.geometry import NEW_DETECTOR, PRETRAIN_DETECTORS
 from calofm.hub import load_model
 from calofm.io import atomic_path, atomic_write_text
 from calofm.pretrained import SHIPPED
-from calofm.train.adapt import MODES, adapt, select_trainable
+from calofm.train.adapt import MODES, adapt, resolve_pretrained, select_trainable
 from calofm.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,8 @@ def timed(fn, *a, **kw) -> tuple[Path, float]:
 def trainable(args, mode: str) -> int:
     """Trainable parameters of the pretrained model in `mode`, as `calofm adapt` sets them."""
     cfg = load_config(f"adapt-{mode}").adapt
-    net = select_trainable(load_model(args.pretrained), mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+    edm, _ = resolve_pretrained(args.pretrained)  # a folder of edm/ and cd/, a shipped name or an EDM folder
+    net = select_trainable(load_model(edm), mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                            lora_targets=cfg.lora_targets)
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 

@@ -25,7 +25,17 @@ from calofm.data.synthetic import (
     sample_conditions,
     synthesize,
 )
-from calofm.geometry import DETECTORS, DR_MM, DZ_MM, E_MIN_MEV, N_PHI, SHAPE, THETA_RANGE, THRESHOLD_MEV
+from calofm.geometry import (
+    DETECTORS,
+    DR_MM,
+    DZ_MM,
+    E_MIN_MEV,
+    N_PHI,
+    SHAPE,
+    THETA_RANGE,
+    THRESHOLD_MEV,
+    get_detector,
+)
 
 Z_MID = (np.arange(SHAPE[2]) + 0.5) * DZ_MM
 R_MID = (np.arange(SHAPE[0]) + 0.5) * DR_MM
@@ -232,7 +242,8 @@ def test_synthesize_files_deterministic_and_labelled(tmp_path):
     with h5py.File(first[0]) as f, h5py.File(other[0]) as g:
         assert f["showers"][()].tobytes() != g["showers"][()].tobytes()
     with open_showers(first[1]) as f:
-        assert f.attrs == {"detector": "fccee_allegro", "synthetic": True, "generator": GENERATOR, "seed": 7}
+        assert f.attrs == {"detector": "fccee_allegro", "synthetic": True, "generator": GENERATOR, "seed": 7,
+                           "energy_spectrum": "uniform"}
         assert "not Geant4" in f.attrs["generator"] and len(f) == 40
     assert detector_seed(7, "par04_siw") != detector_seed(7, "fccee_allegro")
     with pytest.raises(ValueError, match="unknown detector"):
@@ -253,6 +264,10 @@ def test_cli_synth(tmp_path):
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(f"{d}.h5" for d in DETECTORS)
     result = runner.invoke(app, ["data", "synth", "--detector", "cms", "--n", "3", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown detector 'cms'" in result.output
+    result = runner.invoke(app, ["data", "synth", "--detector", "odd", "--n", "3", "--spectrum", "flat",
+                                 "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "spectrum must be one of uniform, log-uniform, got 'flat'" in result.output
+    assert not (tmp_path / "bad" / "odd.h5").exists()
     result = runner.invoke(app, ["data", "synth", "--n", "3", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "exactly one of --detector NAME or --all" in result.output
     result = runner.invoke(app, ["data", "synth", "--detector", "odd", "--n", "40", "--particle", "photon",
@@ -263,6 +278,22 @@ def test_cli_synth(tmp_path):
     result = runner.invoke(app, ["data", "synth", "--detector", "odd", "--n", "3", "--particle", "kaon",
                                  "--out", str(tmp_path / "k")])
     assert result.exit_code == 2 and "unknown particle 'kaon'" in result.output and not (tmp_path / "k").exists()
+
+
+def test_log_uniform_spectrum_fills_every_decade_and_leaves_uniform_as_it_was(tmp_path):
+    """Each of the three decades of par04_siw's 1 GeV-1 TeV holds a third of log-uniform showers (binomial error
+    ~1 %); uniform in E puts 0.9 % below 10 GeV. The default draws exactly what it drew before the option."""
+    e_log = sample_conditions("par04_siw", 3000, np.random.default_rng(4), "log-uniform")[0]
+    e_uni = sample_conditions("par04_siw", 3000, np.random.default_rng(4))[0]
+    decades = np.histogram(e_log, [1e3, 1e4, 1e5, 1e6])[0] / 3000
+    np.testing.assert_allclose(decades, 1 / 3, atol=0.04)
+    assert (e_uni < 1e4).mean() < 0.02
+    rng = np.random.default_rng(9)
+    np.testing.assert_array_equal(sample_conditions("odd", 50, np.random.default_rng(9))[0],
+                                  rng.uniform(E_MIN_MEV, get_detector("odd").emax_mev, 50).astype(np.float32))
+    (path,) = synthesize(tmp_path, ["odd"], 5, seed=1, spectrum="log-uniform")
+    with open_showers(path) as f:
+        assert f.attrs["energy_spectrum"] == "log-uniform"
 
 
 def test_particles_photons_unchanged_electrons_earlier_pions_deeper_wider_and_told_apart():

@@ -87,6 +87,13 @@ def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, 
     return Normalizer.fit(chunks(), eps=eps, unit=unit, response=response)
 
 
+def even_counts(total: int, k: int, rotation: int) -> list[int]:
+    """`total` split evenly over k detectors, the remainder going to the detectors from `rotation` on (mod k), so
+    over consecutive batches every detector gets the same share."""
+    base, rem = divmod(total, k)
+    return [base + ((d - rotation) % k < rem) for d in range(k)]
+
+
 @dataclass
 class _Cursor:
     """Position in one detector's infinite, per-rank sample sequence: epochs of seeded chunk permutations."""
@@ -135,10 +142,21 @@ class ShowerStream(IterableDataset):
                 raise ValueError(f"{path}: no showers for detector {name!r}")
 
     def counts(self, batch: int) -> list[int]:
-        """Showers per detector in batch number `batch`: an even split, the remainder rotating over detectors."""
-        k = len(self.names)
-        base, rem = divmod(self.batch_size, k)
-        return [base + ((d - batch) % k < rem) for d in range(k)]
+        """Showers per detector in batch number `batch` (`even_counts`)."""
+        return even_counts(self.batch_size, len(self.names), batch)
+
+    def deposit_table(self) -> dict[str, torch.Tensor]:
+        """{cond, deposit, slot} of every shower the stream draws from, in file order (needs unit `deposit`):
+        what the deposit net's own fit trains on (calofm/train/deposit.py). Conditions and E_dep only, so a few
+        hundred bytes a shower."""
+        if not self.normalizer.has_deposit:
+            raise ValueError(f"the normaliser's unit is {self.normalizer.unit!r}: no deposit to tabulate")
+        parts = []
+        for name, path in self.files.items():
+            for s in _chunks(path, self.sizes[name], self.chunk_size):
+                batch = self._encode([(name, s)])
+                parts.append({k: batch[k] for k in ("cond", "deposit", "slot")})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _samples(self, d: int, name: str, skip: int) -> Iterator[tuple[ShowerFile, np.ndarray]]:
         """Yield (file, index-array) pieces of detector `name`'s sequence, starting `skip` samples in."""
@@ -175,14 +193,17 @@ class ShowerStream(IterableDataset):
                 s.pieces.close()
 
     def _collate(self, parts: list[Showers], counts: list[int]) -> dict[str, torch.Tensor]:
-        s = Showers.concat([p for p, c in zip(parts, counts) if c])
-        slots = np.concatenate([np.full(c, self.slot_map[n]) for n, c in zip(self.names, counts)])
-        names = [n for n, c in zip(self.names, counts) for _ in range(c)]
+        return self._encode([(n, p) for n, p, c in zip(self.names, parts, counts) if c])
+
+    def _encode(self, parts: list[tuple[str, Showers]]) -> dict[str, torch.Tensor]:
+        """The batch of (detector name, showers) pieces."""
+        s = Showers.concat([p for _, p in parts])
+        names = [n for n, p in parts for _ in range(len(p.energy))]
+        slots = np.array([self.slot_map[n] for n in names], dtype=np.int64)
         unit = self.normalizer.unit_mev(s.energy, names, s.showers)
         x = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
         particles = torch.from_numpy(np.concatenate([
-            particle_slots(self.particle_map, self.n_particle_slots, p.pdg, str(self.files[n]))
-            for n, p, c in zip(self.names, parts, counts) if c]))
+            particle_slots(self.particle_map, self.n_particle_slots, p.pdg, str(self.files[n])) for n, p in parts]))
         cond = encode_conditions(s.energy, s.theta, s.phi, torch.from_numpy(slots), self.n_slots, particles,
                                  self.n_particle_slots)
         batch = {"x": x, "cond": cond, "slot": torch.from_numpy(slots)}

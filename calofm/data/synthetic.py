@@ -63,6 +63,7 @@ from calofm.particles import PHOTON, particle_code
 
 GENERATOR_VERSION = 1  # bump whenever the same seed would give different showers
 GENERATOR = f"calofm GFlash-parametrised stand-in (not Geant4) v{GENERATOR_VERSION}"
+SPECTRA = ("uniform", "log-uniform")  # incident-energy spectra (`sample_conditions`)
 CHUNK = 64  # showers per vectorised step: a 1.7 MB float32 cell map, so the work stays in L2 cache
 
 # Longitudinal profile (Grindhammer & Peters, homogeneous media; y = E / Ec; T in X0).
@@ -121,19 +122,29 @@ def effective_z(det: Detector) -> float:
     return 610.0 / det.ec_mev - 1.24
 
 
-def sample_conditions(detector: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(energy MeV, phi rad, theta rad), float32, uniform over the detector's ranges as in LEMURS."""
+def sample_conditions(detector: str, n: int, rng: np.random.Generator, spectrum: str = "uniform",
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(energy MeV, phi rad, theta rad), float32, uniform over the detector's ranges as in LEMURS; with `spectrum`
+    log-uniform the energy is uniform in log E instead (as CaloChallenge dataset 2), so each decade holds the same
+    number of showers: what a resolution study per energy bin needs (uniform in E leaves ~1 % of the showers
+    below a tenth of the range)."""
     det = get_detector(detector)
-    energy = rng.uniform(E_MIN_MEV, det.emax_mev, n).astype(np.float32)
+    if spectrum not in SPECTRA:
+        raise ValueError(f"spectrum must be one of {', '.join(SPECTRA)}, got {spectrum!r}")
+    if spectrum == "uniform":
+        energy = rng.uniform(E_MIN_MEV, det.emax_mev, n).astype(np.float32)
+    else:
+        energy = np.exp(rng.uniform(math.log(E_MIN_MEV), math.log(det.emax_mev), n)).astype(np.float32)
     phi = rng.uniform(*PHI_RANGE, n).astype(np.float32)
     theta = rng.uniform(*THETA_RANGE, n).astype(np.float32)
     return energy, phi, theta
 
 
-def conditions(detector: str, n: int, rng: np.random.Generator, energy=None, phi=None, theta=None):
+def conditions(detector: str, n: int, rng: np.random.Generator, energy=None, phi=None, theta=None,
+               spectrum: str = "uniform"):
     """Sampled conditions, with given scalars or (n,) arrays in their place (fixed-point generation), checked."""
     det = get_detector(detector)
-    out = list(sample_conditions(det.name, n, rng))
+    out = list(sample_conditions(det.name, n, rng, spectrum))
     bounds = {"energy": (E_MIN_MEV * (1 - ENERGY_REL_TOL), det.emax_mev * (1 + ENERGY_REL_TOL), "MeV"),
               "phi": (PHI_RANGE[0] - ANGLE_ABS_TOL, PHI_RANGE[1] + ANGLE_ABS_TOL, "rad"),
               "theta": (THETA_RANGE[0] - ANGLE_ABS_TOL, THETA_RANGE[1] + ANGLE_ABS_TOL, "rad")}
@@ -306,11 +317,12 @@ def _add_mip_track(det: Detector, theta, start_mm: np.ndarray, rng: np.random.Ge
 
 def iter_generate(detector: str, n: int, seed: int, energy=None, phi=None, theta=None, chunk: int = CHUNK,
                   progress: Callable[[int], object] | None = None,
-                  particles: Iterable[str] = (PHOTON,)) -> Iterator[Showers]:
+                  particles: Iterable[str] = (PHOTON,), spectrum: str = "uniform") -> Iterator[Showers]:
     """`n` synthetic showers for `detector`, yielded `chunk` at a time (memory stays bounded for any n).
 
     energy (MeV), phi and theta (rad) given as scalars or (n,) arrays are used as they are (fixed-point
-    generation); missing ones are drawn uniformly over the detector's ranges. Each shower's particle is drawn
+    generation); missing ones are drawn uniformly over the detector's ranges (the energy per `spectrum`,
+    `sample_conditions`). Each shower's particle is drawn
     uniformly from `particles` (photons only: the same showers as before particles existed). `progress(k)` is
     called after each chunk of k showers (a tqdm bar's `update`).
     """
@@ -321,7 +333,7 @@ def iter_generate(detector: str, n: int, seed: int, energy=None, phi=None, theta
         raise ValueError(f"need n >= 0, chunk >= 1 and a particle, got n={n}, chunk={chunk}, particles={particles}")
     cond_seed, shower_seed = np.random.SeedSequence(seed).spawn(2)
     cond_rng = np.random.default_rng(cond_seed)
-    energy, phi, theta = conditions(det.name, n, cond_rng, energy, phi, theta)
+    energy, phi, theta = conditions(det.name, n, cond_rng, energy, phi, theta, spectrum)
     which = cond_rng.integers(0, len(particles), n) if len(particles) > 1 else np.zeros(n, np.int64)
     rng = np.random.default_rng(shower_seed)
     for start in range(0, n, chunk):
@@ -341,9 +353,10 @@ def iter_generate(detector: str, n: int, seed: int, energy=None, phi=None, theta
 
 
 def generate(detector: str, n: int, seed: int, energy=None, phi=None, theta=None, chunk: int = CHUNK,
-             progress: Callable[[int], object] | None = None, particles: Iterable[str] = (PHOTON,)) -> Showers:
+             progress: Callable[[int], object] | None = None, particles: Iterable[str] = (PHOTON,),
+             spectrum: str = "uniform") -> Showers:
     """`n` synthetic showers in memory (see `iter_generate`)."""
-    parts = list(iter_generate(detector, n, seed, energy, phi, theta, chunk, progress, particles))
+    parts = list(iter_generate(detector, n, seed, energy, phi, theta, chunk, progress, particles, spectrum))
     if not parts:
         return Showers(np.empty((0, *SHAPE), np.float32), *(np.empty(0, np.float32) for _ in range(3)))
     return Showers.concat(parts)
@@ -355,9 +368,10 @@ def detector_seed(seed: int, detector: str) -> int:
 
 
 def synthesize(out_dir: str | Path, detectors: Iterable[str], n: int, seed: int,
-               progress: bool = False, particles: Iterable[str] = (PHOTON,)) -> list[Path]:
+               progress: bool = False, particles: Iterable[str] = (PHOTON,), spectrum: str = "uniform") -> list[Path]:
     """Write `out_dir/<detector>.h5` (LEMURS) with `n` showers of each detector, labelled as synthetic, each
-    shower's particle drawn from `particles` (its PDG code in the file).
+    shower's particle drawn from `particles` (its PDG code in the file) and its energy from `spectrum`
+    (`sample_conditions`; recorded in the file's attributes).
 
     `progress` shows one tqdm bar over all showers.
     """
@@ -371,7 +385,9 @@ def synthesize(out_dir: str | Path, detectors: Iterable[str], n: int, seed: int,
         for name in detectors:
             path = Path(out_dir) / f"{name}.h5"
             write_stream(path, "lemurs", n,
-                         {"detector": name, "synthetic": True, "generator": GENERATOR, "seed": seed},
-                         iter_generate(name, n, detector_seed(seed, name), progress=bar.update, particles=particles))
+                         {"detector": name, "synthetic": True, "generator": GENERATOR, "seed": seed,
+                          "energy_spectrum": spectrum},
+                         iter_generate(name, n, detector_seed(seed, name), progress=bar.update, particles=particles,
+                                       spectrum=spectrum))
             paths.append(path)
     return paths

@@ -40,6 +40,7 @@ from calofm.io import atomic_dir
 from calofm.models.dit import CaloDiT
 from calofm.particles import particle_code
 from calofm.pretrained import shipped_root
+from calofm.train.deposit import refit_deposit
 from calofm.train.distill import CDObjective, cd_sampler, student_from
 from calofm.train.loop import make_accelerator, save_model, train
 from calofm.train.pretrain import PretrainObjective
@@ -213,6 +214,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         objective = PretrainObjective(training_params(sampler_params(base), cfg.edm, edm_ref), fm)
         trained = train(stage, net, objective, files, normalizer, accelerator=accelerator, resume=resume,
                         desc=f"adapt EDM ({a.mode})")
+        refit_deposit(trained, files, normalizer, run, show=accelerator.is_main_process)
         edm = finish(trained, edm_dir, out / "adapters" / "edm", accelerator.is_main_process)
         accelerator.wait_for_everyone()
 

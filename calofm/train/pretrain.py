@@ -23,6 +23,7 @@ from calofm.diffusion.edm import EDMParams, edm_loss
 from calofm.diffusion.flow import FMParams, fm_loss
 from calofm.geometry import default_slot_map
 from calofm.models.dit import CaloDiT
+from calofm.train.deposit import refit_deposit
 from calofm.train.loop import latest_checkpoint, make_accelerator, save_model, train
 
 
@@ -39,7 +40,7 @@ def fm_sampler(cfg: FMConfig) -> dict:
 class PretrainObjective:
     """EDM on the showers (flow matching where `fm` is given); for a model that draws its total deposit first
     (normaliser unit `deposit`), plus EDM on the deposit, and the shape is learnt conditioned on the shower's true
-    deposit."""
+    deposit. The deposit net then goes on alone (calofm/train/deposit.py)."""
 
     def __init__(self, params: EDMParams = EDMParams(), fm: FMParams | None = None):
         self.params, self.fm = params, fm
@@ -73,7 +74,8 @@ def build_model(cfg: ModelConfig, **config) -> CaloDiT:
 
 
 def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
-    """Train, then save the EMA model to `<output_dir>/model`; returns that folder."""
+    """Train, fit the deposit net on its own (`cfg.deposit`), then save the EMA model to `<output_dir>/model`;
+    returns that folder."""
     accelerator = make_accelerator(cfg)
     files = find_detector_files(cfg.data.dir, cfg.data.detectors)
     normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit)
@@ -90,6 +92,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
     ema = train(cfg, model, PretrainObjective(params, fm), files, normalizer, accelerator=accelerator, resume=resume,
                 desc="pretrain")
+    refit_deposit(ema, files, normalizer, cfg, show=accelerator.is_main_process)
     out = Path(cfg.output_dir) / "model"
     if accelerator.is_main_process:
         save_model(ema, out)
