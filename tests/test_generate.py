@@ -170,7 +170,7 @@ def test_precisions_change_the_arithmetic_not_the_physics():
 
 def assert_same_showers(got: np.ndarray, ref: np.ndarray, rtol: float) -> None:
     """Equal to `rtol` of each cell (measured: 2e-6 at EDM 32 steps and CD 1; a 2- or 3-step EDM sampler's coarse
-    steps amplify float rounding to 1e-3); cells within 0.1% of the graph's 0.5 keV cut may fall either side of it,
+    steps amplify float rounding to 1e-3-2e-3); cells within 0.1% of the graph's 0.5 keV cut may fall either side of it,
     and under it the graph gives zeros."""
     cut = 0.5e-3  # MeV
     above = ref >= cut * 1.001
@@ -238,4 +238,5 @@ def test_generate_to_file_exports_once(tiny_edm, tmp_path, monkeypatch):
     with open_showers(tmp_path / "o.h5") as f:
         assert f.attrs["backend"] == "onnxruntime" and f.attrs["precision"] == "fp32"
     torch_file = generate_to_file(str(tiny_edm), "odd", tmp_path / "t.h5", n=5, energy_gev=30, steps=2, seed=0)
-    assert_same_showers(read_showers(tmp_path / "o.h5").showers, read_showers(torch_file).showers, 2e-3)
+    # 2 Heun steps amplify float rounding (measured up to 2.2e-3 in 1 cell of 16,680); a wrong graph is off by O(1)
+    assert_same_showers(read_showers(tmp_path / "o.h5").showers, read_showers(torch_file).showers, 5e-3)
