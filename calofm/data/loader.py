@@ -153,9 +153,7 @@ class ShowerStream(IterableDataset):
             raise ValueError(f"the normaliser's unit is {self.normalizer.unit!r}: no deposit to tabulate")
         parts = []
         for name, path in self.files.items():
-            for s in _chunks(path, self.sizes[name], self.chunk_size):
-                batch = self._encode([(name, s)])
-                parts.append({k: batch[k] for k in ("cond", "deposit", "slot")})
+            parts += [self._encode([(name, s)], with_x=False) for s in _chunks(path, self.sizes[name], self.chunk_size)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _samples(self, d: int, name: str, skip: int) -> Iterator[tuple[ShowerFile, np.ndarray]]:
@@ -195,18 +193,19 @@ class ShowerStream(IterableDataset):
     def _collate(self, parts: list[Showers], counts: list[int]) -> dict[str, torch.Tensor]:
         return self._encode([(n, p) for n, p, c in zip(self.names, parts, counts) if c])
 
-    def _encode(self, parts: list[tuple[str, Showers]]) -> dict[str, torch.Tensor]:
-        """The batch of (detector name, showers) pieces."""
+    def _encode(self, parts: list[tuple[str, Showers]], with_x: bool = True) -> dict[str, torch.Tensor]:
+        """The batch of (detector name, showers) pieces; without the normalised cells `x` for `with_x=False`."""
         s = Showers.concat([p for _, p in parts])
         names = [n for n, p in parts for _ in range(len(p.energy))]
         slots = np.array([self.slot_map[n] for n in names], dtype=np.int64)
         unit = self.normalizer.unit_mev(s.energy, names, s.showers)
-        x = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
         particles = torch.from_numpy(np.concatenate([
             particle_slots(self.particle_map, self.n_particle_slots, p.pdg, str(self.files[n])) for n, p in parts]))
         cond = encode_conditions(s.energy, s.theta, s.phi, torch.from_numpy(slots), self.n_slots, particles,
                                  self.n_particle_slots)
-        batch = {"x": x, "cond": cond, "slot": torch.from_numpy(slots)}
+        batch = {"cond": cond, "slot": torch.from_numpy(slots)}
+        if with_x:
+            batch["x"] = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
         if self.normalizer.has_deposit:
             expected = self.normalizer.expected_deposit(s.energy, names)
             batch["deposit"] = torch.from_numpy(self.normalizer.encode_deposit(unit, expected).astype(np.float32))
