@@ -104,6 +104,18 @@ def metric_rows(metrics: dict, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def setting_rows(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(name, value) rows of a settings dict (provenance, normaliser); nested dicts become "outer / inner" rows,
+    None values are left out."""
+    rows = []
+    for key, value in sorted(settings.items()):
+        if isinstance(value, dict):
+            rows += setting_rows(value, f"{prefix}{key} / ")
+        elif value is not None:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
 def eval_results(rows: list[tuple[str, str]], dataset: str) -> list[EvalResult]:
     """The model-index entries of the Hub's front matter: one per figure."""
     return [EvalResult(task_type="other", task_name="calorimeter shower generation", dataset_type=dataset,
@@ -157,8 +169,8 @@ def model_card(model: CaloDiT, *, metrics: dict | str | Path | None = None, repo
         sampler=sorted((model.sampler or {}).items()),
         slots=slots,
         free_slots=model.n_slots - len(slots),
-        normalizer=sorted((model.normalizer or {}).items()),
-        training=[(k, v) for k, v in provenance.items() if k != "base_model" and v is not None],
+        normalizer=setting_rows(model.normalizer or {}),
+        training=setting_rows({k: v for k, v in provenance.items() if k != "base_model"}),
         metrics=rows,
         example_detector=detector,
         notes=notes,

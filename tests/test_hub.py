@@ -160,7 +160,7 @@ def test_cli_push_without_token_is_a_clear_error(hub, tmp_path):
 
 
 def test_cards_render_real_values_and_parse_as_hub_metadata(tmp_path):
-    pretrained = tiny_model()
+    pretrained = tiny_model(stage="pretrain", steps=1500, deposit_fit={"lr": 1e-3, "epochs": 1000.0, "data": None})
     adapted = tiny_model(base_model="owner/base", detector="fccee_allegro", mode="conditioning",
                          data=canonical_source("hf://datasets/owner/lemurs"), steps=5000)
     metrics = {"fpd": 0.0201, "kpd": [8.9e-5, 1.2e-5], "auc": {"low": 0.594, "high": 0.56}, "skipped": None}
@@ -170,6 +170,8 @@ def test_cards_render_real_values_and_parse_as_hub_metadata(tmp_path):
         assert "None" not in text
         assert "| kpd | 8.9e-05 ± 1.2e-05 |" in text
         assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in text
+        assert "{'" not in text  # nested provenance is "outer / inner" rows, not a printed dict
+    assert "| deposit_fit / lr | 0.001 |" in str(model_card(pretrained))
 
     # the card written beside a saved model loads as Hub metadata
     adapted.save_pretrained(tmp_path / "adapted")
