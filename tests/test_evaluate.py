@@ -29,7 +29,7 @@ from calofm.evaluate.metrics import (
     separation_power,
 )
 from calofm.evaluate.report import DEFINITIONS, PAPER_DS2, evaluate, fixed_point_comparison
-from calofm.geometry import DPHI, DR_MM, DZ_MM, N_Z, THRESHOLD_MEV
+from calofm.geometry import DPHI, DR_MM, DZ_MM, N_R, N_Z, THRESHOLD_MEV
 
 # ----------------------------------------------------------------------------------------- observables
 
@@ -114,6 +114,12 @@ def test_calochallenge_features_of_a_hand_made_shower():
     assert abs(g[0, col["ec_eta[7]"]]) < 1e-12 and abs(g[0, col["ec_phi[7]"]]) < 1e-12
     assert g[0, col["width_eta[7]"]] == pytest.approx(4.5 * DR_MM * abs(math.cos(-math.pi + 0.5 * DPHI)) / 100)
     assert g[0, col["sparsity[7]"]] == pytest.approx(1 - 2 / 144)
+    # a layer lit in one ring only, unevenly: its width in r is exactly 0, not rounding noise (which the
+    # max-|value| normalisation of FPD/KPD would divide by: FPD ~1e15 where a detector's layer is one ring)
+    rings = np.concatenate([sum(one_cell_shower(r, a, 0) * (1 + k * a) ** 3 for a in range(0, 16, 3))
+                            for r in range(N_R) for k in (0.5, 1.3, 2.1)])
+    h = O.calochallenge_features(rings, np.full(len(rings), 1000.0))
+    assert (h[:, col["width_r[0]"]] == 0.0).all() and (h[:, col["width_eta[0]"]] > 0.01).all()
 
 
 # ----------------------------------------------------------------------------------------- metric definitions

@@ -164,6 +164,7 @@ _CC_ALPHA = PHI_CENTRES - np.pi
 _CC_ETA = R_CENTRES[:, None] * np.cos(_CC_ALPHA)[None, :]  # (r, alpha)
 _CC_PHI = R_CENTRES[:, None] * np.sin(_CC_ALPHA)[None, :]
 _CC_R = np.broadcast_to(R_CENTRES[:, None], (N_R, N_PHI))
+_VAR_ROUNDING = 1e-12  # relative: ~5,000 float64 eps, the sums' rounding over a layer's 144 cells, with margin
 _CC_PER_LAYER = ("log10_e_layer", "ec_eta", "ec_phi", "width_eta", "width_phi")
 
 
@@ -176,10 +177,14 @@ def calochallenge_names() -> list[str]:
 
 def _cc_centre_width(x: np.ndarray, coord: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HighLevelFeatures.GetECandWidths per layer: energy-weighted mean and width of `coord` (r, alpha), with
-    the CaloChallenge's 1e-16 MeV in the denominators (centre 0 and width 0 in an empty layer)."""
+    the CaloChallenge's 1e-16 MeV in the denominators (centre 0 and width 0 in an empty layer).
+
+    A variance m2 - m1^2 below the rounding error of that difference is zero: a layer whose energy lies in one
+    ring has width 0, not rounding noise (~1e-9) that the max-|value| normalisation of FPD/KPD would divide by."""
     m1 = np.einsum("nraz,ra->nz", x, coord) / (total + 1e-16)
     m2 = np.einsum("nraz,ra->nz", x, coord * coord) / (total + 1e-16)
-    return m1, np.sqrt(np.clip(m2 - m1**2, 0.0, None))
+    var = m2 - m1**2
+    return m1, np.sqrt(np.where(var > _VAR_ROUNDING * m2, var, 0.0))
 
 
 def calochallenge_features(showers: np.ndarray, energy: np.ndarray) -> np.ndarray:
