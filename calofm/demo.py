@@ -292,6 +292,9 @@ def stage_adapt(ctx: DemoContext) -> None:
     teacher = {"adapted CD": rows["adapted EDM"][0]}
     tables = "\n".join(f"{name}:\n\n" + table(row, goals, teacher.get(name), links)
                        for name, (row, goals, links) in rows.items())
+    plots = {name: out / "eval" / name.replace(" ", "-") / NEW_DETECTOR for name in ("adapted EDM", "adapted CD")}
+    profiles = " ".join(f"![{name}: {axis}]({ctx.rel(folder / f'profile_{axis}.png')})"
+                        for name, folder in plots.items() for axis in ("z", "r"))
     prov = edm.provenance
     ctx.sections.append(
         f"## Adaptation to {NEW_DETECTOR} (held out of pretraining)\n\n"
@@ -299,7 +302,9 @@ def stage_adapt(ctx: DemoContext) -> None:
         f"{prov['n_train']:,} showers, {prov['steps']} EDM steps, then "
         f"{cd.provenance['steps']} CD steps with the pretrained CD model as the student's start. "
         f"Scored on the held-out {NEW_DETECTOR} showers; compare with the pretrained model's figures on its own "
-        f"detectors above.\n\n{NOTE} {SHARED_DEPOSIT}\n\n{tables}")
+        f"detectors above.\n\n{NOTE} {SHARED_DEPOSIT}\n\n{tables}\n"
+        f"Longitudinal (z) and radial (r) energy profiles against the held-out data, adapted EDM then CD (every "
+        f"observable is in each model's report):\n\n{profiles}\n")
 
 
 # What a user does (start from the shipped model), and the same workflow with pretraining from scratch.

@@ -17,7 +17,8 @@ from calofm.data.formats import Showers
 # fractions of the data's, FPD and classifier AUC on high-level features at most these.
 GOALS = {"edm": {"mean": 0.02, "spread": 0.10, "fpd": 20e-3, "auc_high": 0.65},
          "cd": {"mean": 0.03, "spread": 0.15, "fpd_vs_teacher": 3.0}}
-METRICS = ["response", "fpd", "fpd_cc", "auc_high"]
+# "observables" adds no figure to the row: it puts the shower observables' and profiles' plots in the report.
+METRICS = ["response", "observables", "fpd", "fpd_cc", "auc_high"]
 
 NOTE = ("Held-out synthetic showers, one generated at each one's (E, theta, phi). Mean ratio and spread ratio: "
         "generated / data of the mean E_dep / E_inc and of its relative spread, in the five log-spaced E_inc bins "
