@@ -282,19 +282,18 @@ def stage_adapt(ctx: DemoContext) -> None:
         adapt(cfg, resume=True)
     baseline = "fccee_cld"  # the pretraining detector closest to ALLEGRO (FCC-ee, 100 GeV range)
     edm, cd = load_model(out / "edm"), load_model(out / "cd")
-    rows = {}
+    rows, folders = {}, {}
     for name, model, slot, goals in (("adapted EDM", edm, NEW_DETECTOR, GOALS["edm"]),
                                      ("adapted CD", cd, NEW_DETECTOR, GOALS["cd"]),
                                      (f"pretrained CD as {baseline}", load_model(cd_ref), baseline, None)):
-        folder = out / "eval" / name.replace(" ", "-")
+        folder = folders[name] = out / "eval" / name.replace(" ", "-")
         rows[name] = (_fidelity(ctx, model, folder, [NEW_DETECTOR], slot), goals,
                       {NEW_DETECTOR: ctx.rel(folder / NEW_DETECTOR / "report.md")})
     teacher = {"adapted CD": rows["adapted EDM"][0]}
     tables = "\n".join(f"{name}:\n\n" + table(row, goals, teacher.get(name), links)
                        for name, (row, goals, links) in rows.items())
-    plots = {name: out / "eval" / name.replace(" ", "-") / NEW_DETECTOR for name in ("adapted EDM", "adapted CD")}
-    profiles = " ".join(f"![{name}: {axis}]({ctx.rel(folder / f'profile_{axis}.png')})"
-                        for name, folder in plots.items() for axis in ("z", "r"))
+    profiles = " ".join(f"![{name}: {axis}]({ctx.rel(folders[name] / NEW_DETECTOR / f'profile_{axis}.png')})"
+                        for name in ("adapted EDM", "adapted CD") for axis in ("z", "r"))
     prov = edm.provenance
     ctx.sections.append(
         f"## Adaptation to {NEW_DETECTOR} (held out of pretraining)\n\n"
