@@ -142,6 +142,13 @@ class DistillConfig:
     mu: float = 0.95                   # target-network EMA
     sample_steps: int = 1              # sampler default saved with the student
     student_depth: int | None = None   # None: the teacher's; fewer: a depth-pruned student (distill.pruned_blocks)
+    distance: str = "pseudo_huber"     # | l2 (Song et al.'s): consistency.cd_distance; benchmarks/distillation.md
+    weighting: str = "uniform"         # uniform | inverse_dt: lambda(t_n) (consistency.cd_weight)
+
+    def __post_init__(self):
+        for key, allowed in (("distance", ("l2", "pseudo_huber")), ("weighting", ("uniform", "inverse_dt"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"distill.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
 
 
 @dataclass

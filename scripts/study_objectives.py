@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="showers per detector (the first N of each reference)")
     ap.add_argument("--out", required=True, help="folder for the runs, generated files and objectives.json")
     ap.add_argument("--markdown", default=None, help="write the table here too")
+    ap.add_argument("--max-evaluations", type=int, default=None,
+                    help="skip sampler settings with more network evaluations per shower (a cheaper grid)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
@@ -71,6 +73,8 @@ def main() -> None:
     for name, model in models.items():
         for solver, steps in SAMPLERS["cd" if model.objective == "cd" else model.objective]:
             m = model.with_config(sampler={**model.sampler, "name": solver, "steps": steps})
+            if args.max_evaluations and network_evaluations(m) > args.max_evaluations:
+                continue
             row = {"model": name, "solver": solver, "steps": steps, "evaluations": network_evaluations(m),
                    "detectors": {}}
             for d, ref in refs.items():
@@ -95,7 +99,8 @@ def format_row(row: dict, detectors: list[str]) -> str:
 def markdown(rows: list[dict], detectors: list[str], args) -> str:
     head = ("# Objectives: EDM, flow matching and their consistency distillations\n\n"
             f"Command: `python scripts/study_objectives.py --data {args.data} --reference {args.reference} "
-            f"--steps {args.steps} --cd-steps {args.cd_steps} --n {args.n} --out {args.out}`\n\n"
+            f"--steps {args.steps} --cd-steps {args.cd_steps} --n {args.n} --out {args.out}"
+            + (f" --max-evaluations {args.max_evaluations}" if args.max_evaluations else "") + "`\n\n"
             "Tiny preset, the default pretraining recipe; only `model.objective` differs. Synthetic stand-in showers "
             "(not Geant4). FPD x1e3 in calofm's 44-feature definition, with its error / classifier AUC on high-level "
             "features, one generated shower at each held-out shower's (E, theta, phi).\n\n"

@@ -52,8 +52,10 @@ def test_boundaries_are_the_edm_schedule_ascending():
     assert multistep_sigmas(2, P)[1] == pytest.approx(2.515, abs=1e-3)
 
 
-def test_cd_loss_is_heun_step_of_teacher_then_l2_to_target(monkeypatch):
-    """The loss, recomputed sample by sample with edm.heun_step on float sigmas, and the teacher step's callee."""
+@pytest.mark.parametrize("distance,weighting", [("l2", "uniform"), ("pseudo_huber", "inverse_dt")])
+def test_cd_loss_is_heun_step_of_teacher_then_distance_to_target(monkeypatch, distance, weighting):
+    """The loss, recomputed sample by sample with edm.heun_step on float sigmas, and the teacher step's callee:
+    Song et al.'s mean squared difference with lambda = 1, and improved CT's pseudo-Huber with 1 / (t_{n+1} - t_n)."""
     assert consistency.heun_step is edm.heun_step
     calls = []
 
@@ -65,7 +67,8 @@ def test_cd_loss_is_heun_step_of_teacher_then_l2_to_target(monkeypatch):
     f = lambda x, sigma, c: 0.9 * x + 0.1 * sigma.view(-1, 1, 1, 1)  # noqa: E731
     f_target = lambda x, sigma, c: 0.8 * x - 0.2 * sigma.view(-1, 1, 1, 1)  # noqa: E731
     x = torch.randn(6, 9, 16, 45, generator=torch.Generator().manual_seed(1)) * P.sigma_data
-    loss = cd_loss(f, f_target, oracle, x, None, P, N=32, generator=torch.Generator().manual_seed(2))
+    loss = cd_loss(f, f_target, oracle, x, None, P, N=32, generator=torch.Generator().manual_seed(2),
+                   distance=distance, weighting=weighting)
     assert len(calls) == 1 and calls[0][0] is oracle
 
     g = torch.Generator().manual_seed(2)  # the same draws, in the same order, as inside cd_loss
@@ -79,8 +82,38 @@ def test_cd_loss_is_heun_step_of_teacher_then_l2_to_target(monkeypatch):
         x_hat = edm.heun_step(oracle, x_n1, t_n1, t_n, None)
         torch.testing.assert_close(calls[0][1][i:i + 1], x_n1)
         target = f_target(x_hat, torch.tensor([t_n]), None)
-        terms.append(((f(x_n1, torch.tensor([t_n1]), None) - target) ** 2).mean())
+        sq = (f(x_n1, torch.tensor([t_n1]), None) - target) ** 2
+        if distance == "l2":
+            terms.append(sq.mean())
+        else:  # c = 0.00054 sqrt(9 * 16 * 45)
+            terms.append(((sq.sum() + 0.0434692**2).sqrt() - 0.0434692) / (t_n1 - t_n))
     torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-5, atol=0)
+
+
+def test_pseudo_huber_is_quadratic_for_small_and_linear_for_large_differences():
+    """d ~ |delta|^2 / 2c below c, and above it the gradient's norm is 1 whatever the size of the miss: one badly
+    matched shower pulls no harder than a near miss (improved CT's reason for it), where L2 pulls in proportion."""
+    a = torch.zeros(2, 9, 16, 45, requires_grad=True)
+    c = 0.00054 * (9 * 16 * 45) ** 0.5
+    small = torch.full((1, 9, 16, 45), 1e-5)
+    assert consistency.cd_distance(a[:1], small, "pseudo_huber").item() == pytest.approx(
+        small.pow(2).sum().item() / (2 * c), rel=1e-3)
+    b = torch.zeros(2, 9, 16, 45)
+    b[0, 0, 0, 0], b[1, 0, 0, 0] = 1.0, 100.0
+    for kind, ratio in (("pseudo_huber", 1.0), ("l2", 100.0)):
+        a.grad = None
+        consistency.cd_distance(a, b, kind).sum().backward()
+        norms = a.grad.flatten(1).norm(dim=1)
+        assert (norms[1] / norms[0]).item() == pytest.approx(ratio, rel=1e-3)
+    with pytest.raises(ValueError, match="distill.distance .* got 'l1'"):
+        consistency.cd_distance(a, b, "l1")
+    with pytest.raises(ValueError, match="distill.weighting .* got 'snr'"):
+        consistency.cd_weight(P.sigma_max, P.sigma_max, "snr")
+
+
+def test_distill_recipe_refuses_an_unknown_distance():
+    with pytest.raises(ValueError, match="distill.distance must be one of l2, pseudo_huber, got 'huber'"):
+        load_config(RECIPE, ["distill.distance=huber"])
 
 
 def test_target_is_an_ema_of_the_student_and_only_the_student_learns():

@@ -34,9 +34,38 @@ def boundaries(N: int, p: EDMParams, device=None) -> torch.Tensor:
     return t
 
 
+DISTANCES = ("l2", "pseudo_huber")
+WEIGHTINGS = ("uniform", "inverse_dt")
+
+
+def cd_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """d(a, b) per sample. l2: the mean squared difference (Song et al. 2023). pseudo_huber: sqrt(|a - b|^2 + c^2) - c
+    with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, improved CT): L2 for small differences, L1 for large ones,
+    so a few badly-matched showers do not dominate the gradient."""
+    sq = ((a - b) ** 2).flatten(1)
+    if kind == "l2":
+        return sq.mean(1)
+    if kind == "pseudo_huber":
+        c = 0.00054 * sq.shape[1] ** 0.5
+        return (sq.sum(1) + c**2).sqrt() - c
+    raise ValueError(f"distill.distance must be one of {', '.join(DISTANCES)}, got {kind!r}")
+
+
+def cd_weight(t_n: torch.Tensor, t_n1: torch.Tensor, kind: str = "uniform") -> torch.Tensor:
+    """lambda(t_n): 1 (Song et al. 2023), or 1 / (t_{n+1} - t_n) (improved CT), which evens out the loss's scale
+    across the schedule: the teacher's step from t_{n+1} to t_n, and so the distance, grows with the gap."""
+    if kind == "uniform":
+        return torch.ones_like(t_n)
+    if kind == "inverse_dt":
+        return 1.0 / (t_n1 - t_n)
+    raise ValueError(f"distill.weighting must be one of {', '.join(WEIGHTINGS)}, got {kind!r}")
+
+
 def cd_loss(f: Denoiser, f_target: Denoiser, D_teacher: Denoiser, x: torch.Tensor, cond: torch.Tensor,
-            p: EDMParams, N: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
-    """L_CD = E[ d(f(x_{n+1}, t_{n+1}), f^-(x_hat_n, t_n)) ] with d the squared L2 distance and lambda(t_n) = 1.
+            p: EDMParams, N: int = 32, generator: torch.Generator | None = None, distance: str = "l2",
+            weighting: str = "uniform") -> torch.Tensor:
+    """L_CD = E[ lambda(t_n) d(f(x_{n+1}, t_{n+1}), f^-(x_hat_n, t_n)) ] (`cd_distance`, `cd_weight`; the defaults are
+    Song et al.'s squared L2 and lambda = 1).
 
     Per sample: n ~ U{1, ..., N-1}, x_{n+1} = x + t_{n+1} z, and x_hat_n one Heun step of the teacher's
     probability-flow ODE from t_{n+1} to t_n (`edm.heun_step`). Only the student f receives gradients.
@@ -49,7 +78,7 @@ def cd_loss(f: Denoiser, f_target: Denoiser, D_teacher: Denoiser, x: torch.Tenso
     with torch.no_grad():
         x_hat_n = heun_step(D_teacher, x_n1, t_n1, t_n, cond)
         target = f_target(x_hat_n, t_n, cond)
-    return ((f(x_n1, t_n1, cond) - target) ** 2).mean()
+    return (cd_weight(t_n, t_n1, weighting) * cd_distance(f(x_n1, t_n1, cond), target, distance)).mean()
 
 
 def multistep_sigmas(steps: int, p: EDMParams) -> list[float]:

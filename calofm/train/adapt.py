@@ -240,7 +240,8 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         net = select_trainable(student, a.mode, **lora)
         edm.to(accelerator.device)
         net.to(accelerator.device)
-        objective = CDObjective(edm, net, cfg.distill.n_boundaries, cfg.distill.mu, sampler_params(edm))
+        objective = CDObjective(edm, net, cfg.distill.n_boundaries, cfg.distill.mu, sampler_params(edm),
+                                cfg.distill.distance, cfg.distill.weighting)
         train(stage, net, objective, files, normalizer, accelerator=accelerator, resume=resume, use_ema=False,
               desc=f"adapt CD ({a.mode})")
         finish(objective.target.model, cd_dir, out / "adapters" / "cd", accelerator.is_main_process)

@@ -39,12 +39,12 @@ class CDObjective:
     """L_CD of `consistency.cd_loss` for the shared loop; `target` (an EMA) is updated after every step."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, N: int = 32, mu: float = 0.95,
-                 params: EDMParams = EDMParams()):
+                 params: EDMParams = EDMParams(), distance: str = "l2", weighting: str = "uniform"):
         if getattr(teacher, "objective", "edm") not in ("edm", "fm"):
             raise ValueError(f"the teacher must be an EDM or FM model, but its objective is {teacher.objective!r}")
         if not 0.0 <= mu < 1.0:
             raise ValueError(f"distill.mu must be in [0, 1), got {mu}")
-        self.params, self.N = params, N
+        self.params, self.N, self.distance, self.weighting = params, N, distance, weighting
         teacher.requires_grad_(False).eval()
         if teacher.deposit_net is not None:  # the student keeps its copy of the teacher's EDM deposit net, frozen:
             student.deposit_net.requires_grad_(False)  # one number a shower needs no distillation
@@ -55,7 +55,8 @@ class CDObjective:
     def loss(self, net: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         f = denoiser(net, self.params, objective="cd")
         cond = shape_conditions(batch["cond"], batch.get("deposit"))
-        return cd_loss(f, self.f_target, self.D_teacher, batch["x"], cond, self.params, self.N, generator)
+        return cd_loss(f, self.f_target, self.D_teacher, batch["x"], cond, self.params, self.N, generator,
+                       self.distance, self.weighting)
 
     def after_step(self, model: nn.Module, step: int) -> None:
         self.target.update(model, step)
@@ -108,11 +109,12 @@ def distill(cfg: RunConfig, resume: bool = False) -> Path:
     student = student_from(teacher, d.student_depth, sampler=cd_sampler(d.sample_steps, params), provenance={
         "stage": "distill", "teacher": str(d.teacher), "teacher_provenance": teacher.provenance,
         "detectors": detectors, "steps": cfg.train.steps, "n_boundaries": d.n_boundaries, "mu": d.mu,
+        "distance": d.distance, "weighting": d.weighting,
         "weights": "target network (EMA of the student)", "data": str(cfg.data.dir),
         **({"student_blocks": pruned_blocks(teacher.depth, d.student_depth)} if d.student_depth else {})})
     teacher.to(accelerator.device)
     student.to(accelerator.device)
-    objective = CDObjective(teacher, student, d.n_boundaries, d.mu, params)
+    objective = CDObjective(teacher, student, d.n_boundaries, d.mu, params, d.distance, d.weighting)
     if resume and latest_checkpoint(cfg.output_dir) is None:
         accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
     train(cfg, student, objective, files, Normalizer.from_dict(teacher.normalizer), accelerator=accelerator,
