@@ -40,8 +40,8 @@ WEIGHTINGS = ("uniform", "inverse_dt")
 
 def cd_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     """d(a, b) per sample. l2: the mean squared difference (Song et al. 2023). pseudo_huber: sqrt(|a - b|^2 + c^2) - c
-    with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, improved CT): L2 for small differences, L1 for large ones,
-    so a few badly-matched showers do not dominate the gradient."""
+    with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, improved CT): the squared norm for small differences, the norm
+    itself for large ones, so a few badly matched showers do not dominate the gradient."""
     sq = ((a - b) ** 2).flatten(1)
     if kind == "l2":
         return sq.mean(1)
