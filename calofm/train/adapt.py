@@ -226,6 +226,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         accelerator = make_accelerator(stage)
         cd_provenance = {**provenance, "base_model": cd_ref or edm_ref, "stage": "adapt-cd",
                          "steps": stage.train.steps, "teacher": str(edm_dir),
+                         "distance": cfg.distill.distance, "weighting": cfg.distill.weighting,
                          "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
         if base_cd is not None:
             student = base_cd.with_config(slot_map=slot_map, particle_map=particle_map, normalizer=normalizer.to_dict(),
