@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -247,11 +248,18 @@ def generate(model: str | None = typer.Argument(None, metavar="MODEL",
 
         torch.set_num_threads(threads)
 
+    tic, cpu_tic = time.perf_counter(), time.process_time()
     path = generate_to_file(model, detector, out, n=n, energy_gev=energy, theta=theta, phi=phi,
                             conditions=conditions, steps=steps, batch_size=batch_size, seed=seed, fmt=fmt,
                             precision=precision, backend=backend, particle=particle)
     if path is not None:
-        typer.echo(f"wrote {path}")
+        from calofm.data.formats import open_showers
+
+        wall, cpu = time.perf_counter() - tic, time.process_time() - cpu_tic
+        with open_showers(path) as f:
+            count = len(f)
+        typer.echo(f"wrote {path}: {count:,} showers in {wall:.1f} s, {count / wall:.1f} showers/s "
+                   f"(CPU time of this process {cpu:.1f} s)")
 
 
 @app.command()

@@ -50,18 +50,19 @@ def with_precision(model, precision: str):
 
 def keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed memory for the next batch instead of handing it back to the OS and faulting
-    its pages in again (mallopt, as the MALLOC_*_ environment variables would at start-up): at batch 64 this took
-    system time from 10 % to 2 % of user time (benchmarks/generation.md). A no-op off glibc, or with
-    CALOFM_MALLOPT=0 (for comparison)."""
+    its pages in again (mallopt, as the MALLOC_*_ environment variables would at start-up): every buffer comes
+    from the heap, however large (no mmap: buffers over 32 MiB, a paper-preset batch of 64, would otherwise be
+    fresh zeroed pages every time), and freed memory stays there. benchmarks/generation.md measures it. A no-op
+    off glibc, or with CALOFM_MALLOPT=0 (for comparison)."""
     if os.environ.get("CALOFM_MALLOPT") == "0":
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: a batch's buffers come from the heap, not mmap
-    libc.mallopt(m_trim_threshold, 4 << 30)  # and stay there when freed
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # malloc.h; mallopt takes C ints (< 2 GiB)
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
     libc.mallopt(m_top_pad, 256 << 20)
 
 

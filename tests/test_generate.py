@@ -1,5 +1,9 @@
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -240,3 +244,19 @@ def test_generate_to_file_exports_once(tiny_edm, tmp_path, monkeypatch):
     torch_file = generate_to_file(str(tiny_edm), "odd", tmp_path / "t.h5", n=5, energy_gev=30, steps=2, seed=0)
     # 2 Heun steps amplify float rounding (measured up to 2.2e-3 in 1 cell of 16,680); a wrong graph is off by O(1)
     assert_same_showers(read_showers(tmp_path / "o.h5").showers, read_showers(torch_file).showers, 5e-3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("settings, reused", [("1", True), ("0", False)])
+def test_freed_batch_buffers_are_reused_without_page_faults(settings, reused):
+    """`keep_freed_memory` keeps freed 64 MiB buffers (over glibc's mmap ceiling, as a paper-preset batch's are) in
+    the heap: once the heap has grown, allocating one again faults no fresh pages; glibc's defaults fault every
+    page every time. In a fresh process, as `calofm generate` runs it."""
+    code = ("import resource, torch\nfrom calofm.generate import keep_freed_memory\nkeep_freed_memory()\n"
+            "for _ in range(10):\n    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    torch.ones(16 << 20)\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CALOFM_MALLOPT": settings},
+                         capture_output=True, text=True, check=True)
+    last = [int(x) for x in out.stdout.split()[-4:]]  # after the heap's first growth (its 256 MiB top pad)
+    pages = (64 << 20) // resource.getpagesize()
+    assert (sum(last) < pages // 10) if reused else all(f > pages // 2 for f in last), last
