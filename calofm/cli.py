@@ -56,6 +56,9 @@ def _version(show: bool) -> None:
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
+    from calofm.memory import keep_freed_memory
+
+    keep_freed_memory()  # every command runs batch loops: keep their freed buffers (calofm/memory.py)
     if debug:
         _DEBUG["on"] = True
 

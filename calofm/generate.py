@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from calofm.diffusion import sample, sampler_steps
 from calofm.export import CONTRACT_SLOTS, INPUT_LAYOUT
 from calofm.export import PRECISIONS as EXPORT_PRECISIONS
 from calofm.geometry import SHAPE
+from calofm.memory import keep_freed_memory
 from calofm.particles import PARTICLES, PHOTON, particle_code, particle_slots
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -46,24 +45,6 @@ def with_precision(model, precision: str):
                                                            dtype=torch.qint8)
     quantized.calofm_int8 = True
     return quantized
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep freed memory for the next batch instead of handing it back to the OS and faulting
-    its pages in again (mallopt, as the MALLOC_*_ environment variables would at start-up): every buffer comes
-    from the heap, however large (no mmap: buffers over 32 MiB, a paper-preset batch of 64, would otherwise be
-    fresh zeroed pages every time), and freed memory stays there. benchmarks/generation.md measures it. A no-op
-    off glibc, or with CALOFM_MALLOPT=0 (for comparison)."""
-    if os.environ.get("CALOFM_MALLOPT") == "0":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # malloc.h; mallopt takes C ints (< 2 GiB)
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-    libc.mallopt(m_top_pad, 256 << 20)
 
 
 def detector_slot(model, detector: str) -> int:

@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--mallopt", choices=("on", "off", "both"), default="on",
-                    help="calofm's malloc settings (calofm.generate.keep_freed_memory), or glibc's defaults")
+                    help="calofm's malloc settings (calofm.memory.keep_freed_memory), or glibc's defaults")
     ap.add_argument("--out", type=Path, default=None, help="markdown file to write (default: print only)")
     args = ap.parse_args()
 

@@ -36,9 +36,9 @@ import torch
 from calofm.data.transforms import encode_conditions
 from calofm.diffusion import denoiser, sample
 from calofm.diffusion.edm import EDMParams
-from calofm.generate import keep_freed_memory
 from calofm.geometry import SHAPE
 from calofm.io import atomic_write_text
+from calofm.memory import keep_freed_memory
 from calofm.models.dit import CaloDiT
 
 EDM_STEPS = 32
