@@ -4,7 +4,8 @@ Pretrains one EDM and one flow-matching (FM) model with the default recipe (`cal
 `model.objective` the only difference), distils each into a 1-step consistency model (CD), then scores every
 sampler setting against one fixed held-out file per detector: FPD (calofm's 44 features, x1e3, with its error)
 and the classifier AUC on high-level features, beside the network evaluations per shower. Every run resumes
-exactly from its checkpoints, so the study can be stopped and started again.
+exactly from its checkpoints and rows already in OUT/objectives.json (same budgets, showers and reference) are
+kept, so the study can be stopped and started again, or widened with a larger --max-evaluations.
 
     python scripts/study_objectives.py --data data/train --reference data/test --steps 8000 --cd-steps 1000 \
         --n 2000 --out study/objectives --markdown benchmarks/objectives.md
@@ -57,11 +58,12 @@ def main() -> None:
         tic = time.process_time()
         cfg = load_config("pretrain-tiny", [*common, f"output_dir={out / objective}", f"train.steps={args.steps}",
                                             f"model.objective={objective}", "train.checkpoint_every=500"])
-        teacher = pretrain(cfg, resume=True)
+        teacher = finished(cfg) or pretrain(cfg, resume=True)
         cfg = load_config("distill-tiny", [*common, f"output_dir={out / (objective + '-cd')}",
                                            f"train.steps={args.cd_steps}", "train.checkpoint_every=250"])
         cfg.distill.teacher = str(teacher)
-        models[objective], models[f"{objective}-cd"] = load_model(teacher), load_model(distill(cfg, resume=True))
+        student = finished(cfg) or distill(cfg, resume=True)
+        models[objective], models[f"{objective}-cd"] = load_model(teacher), load_model(student)
         timing[objective] = time.process_time() - tic
     detectors = args.detectors or sorted(models["edm"].slot_map, key=models["edm"].slot_map.get)
     refs = {}
@@ -69,10 +71,14 @@ def main() -> None:
         with open_showers(Path(args.reference) / f"{d}.h5") as f:
             refs[d] = f.read(0, min(args.n, len(f)))
 
+    done = previous_rows(out / "objectives.json", args)
     rows = []
     for name, model in models.items():
         for solver, steps in SAMPLERS["cd" if model.objective == "cd" else model.objective]:
             m = model.with_config(sampler={**model.sampler, "name": solver, "steps": steps})
+            if (name, solver, steps) in done:
+                rows.append(done[name, solver, steps])
+                continue
             if args.max_evaluations and network_evaluations(m) > args.max_evaluations:
                 continue
             row = {"model": name, "solver": solver, "steps": steps, "evaluations": network_evaluations(m),
@@ -88,6 +94,25 @@ def main() -> None:
                                                     default=float) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(markdown(rows, detectors, args) + "\n")
+
+
+def finished(cfg) -> Path | None:
+    """The run's saved model folder when it has one (written atomically at its end, so complete): an earlier run
+    of the study is not repeated, not even the deposit fit that `pretrain` redoes on resume."""
+    model = Path(cfg.output_dir) / "model"
+    return model if (model / "config.json").exists() else None
+
+
+def previous_rows(path: Path, args) -> dict:
+    """Rows an earlier run of the same study (same budgets, showers and reference) already scored, by (model,
+    solver, steps): kept, not recomputed, so a larger --max-evaluations only adds the settings it lets in."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    same = ("data", "reference", "detectors", "steps", "cd_steps", "n")
+    if any(old["args"].get(k) != vars(args)[k] for k in same):
+        return {}
+    return {(r["model"], r["solver"], r["steps"]): r for r in old["rows"]}
 
 
 def format_row(row: dict, detectors: list[str]) -> str:
