@@ -1,6 +1,5 @@
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -252,6 +251,8 @@ def test_freed_batch_buffers_are_reused_without_page_faults(settings, reused):
     """`keep_freed_memory` keeps freed 64 MiB buffers (over glibc's mmap ceiling, as a paper-preset batch's are) in
     the heap: once the heap has grown, allocating one again faults no fresh pages; glibc's defaults fault every
     page every time. In a fresh process, as `calofm generate` runs it."""
+    import resource  # POSIX only, as the skip says
+
     code = ("import resource, torch\nfrom calofm.memory import keep_freed_memory\nkeep_freed_memory()\n"
             "for _ in range(24):\n    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "    torch.ones(16 << 20)\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
