@@ -58,11 +58,11 @@ def main() -> None:
         tic = time.process_time()
         cfg = load_config("pretrain-tiny", [*common, f"output_dir={out / objective}", f"train.steps={args.steps}",
                                             f"model.objective={objective}", "train.checkpoint_every=500"])
-        teacher = finished(cfg) or pretrain(cfg, resume=True)
+        teacher = pretrain(cfg, resume=True)  # a finished run returns its model
         cfg = load_config("distill-tiny", [*common, f"output_dir={out / (objective + '-cd')}",
                                            f"train.steps={args.cd_steps}", "train.checkpoint_every=250"])
         cfg.distill.teacher = str(teacher)
-        student = finished(cfg) or distill(cfg, resume=True)
+        student = distill(cfg, resume=True)
         models[objective], models[f"{objective}-cd"] = load_model(teacher), load_model(student)
         timing[objective] = time.process_time() - tic
     detectors = args.detectors or sorted(models["edm"].slot_map, key=models["edm"].slot_map.get)
@@ -94,13 +94,6 @@ def main() -> None:
                                                     default=float) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(markdown(rows, detectors, args) + "\n")
-
-
-def finished(cfg) -> Path | None:
-    """The run's saved model folder when it has one (written atomically at its end, so complete): an earlier run
-    of the study is not repeated, not even the deposit fit that `pretrain` redoes on resume."""
-    model = Path(cfg.output_dir) / "model"
-    return model if (model / "config.json").exists() else None
 
 
 def previous_rows(path: Path, args) -> dict:

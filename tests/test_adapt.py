@@ -36,7 +36,7 @@ def pretrained(tmp_path_factory, data_dir):
     with torch.no_grad():
         for p in edm.parameters():  # adaLN-Zero starts at the identity: give every layer a gradient path
             p.add_(0.05 * torch.randn_like(p))
-    cd = edm.with_config(objective="cd", sampler=cd_sampler(1, EDMParams()), provenance={"stage": "distill"})
+    cd = edm.with_config(objective="cd", sampler=cd_sampler(1, edm), provenance={"stage": "distill"})
     with torch.no_grad():
         for p in cd.parameters():
             p.add_(0.01 * torch.randn_like(p))

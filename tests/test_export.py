@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from calofm.cli import app
 from calofm.data.formats import Showers, read_showers, write_lemurs
 from calofm.data.transforms import Normalizer, encode_conditions
-from calofm.diffusion import DEPOSIT_STEPS, sample, sampler_params
+from calofm.diffusion import DEPOSIT_STEPS, sample
 from calofm.export import (
     CONTRACT_KEY,
     CONTRACT_SLOTS,
@@ -62,7 +62,7 @@ def cd_dir(edm, tmp_path_factory):
     """A consistency-objective copy of the EDM weights with an adapted detector in slot 4 (the contract's 'new')."""
     d = tmp_path_factory.mktemp("cd") / "model"
     model_copy(edm, objective="cd", slot_map=ADAPTED_MAP, normalizer=CUT_TEST_NORMALIZER,
-               sampler=cd_sampler(1, sampler_params(edm))).save_pretrained(d)
+               sampler=cd_sampler(1, edm)).save_pretrained(d)
     return d
 
 

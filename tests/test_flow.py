@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from calofm.config import ConfigError, load_config
-from calofm.diffusion import network_evaluations
+from calofm.diffusion import denoiser, network_evaluations, sampler_params
 from calofm.diffusion.flow import FMParams, as_denoiser, fm_loss, fm_sample, sample_t
 from calofm.generate import generate_showers
 from calofm.hub import load_model
+from calofm.train.distill import cd_sampler, student_from
 
 S = 0.5  # data x_0 ~ N(0, S^2)
 
@@ -99,5 +100,23 @@ def test_consistency_distillation_takes_an_fm_teacher(fm_model, data_dir, tmp_pa
     cfg.distill.teacher = str(fm_model)
     model = load_model(distill(cfg))
     assert model.objective == "cd" and model.provenance["teacher"] == str(fm_model)
+    assert model.sampler["teacher_objective"] == "fm"  # saved, so the loaded student keeps its parametrisation
     s = generate_showers(model, "odd", np.full(2, 2e4), np.full(2, 1.5), np.full(2, 0.3), seed=1)
     assert np.isfinite(s.showers).all()
+
+
+def test_an_fm_teachers_student_starts_as_its_denoiser_and_meets_the_boundary_condition(fm_model):
+    """The student made of an FM teacher's weights is, before any CD step, the teacher's x_0 estimate where
+    sigma >> sigma_data (one-step sampling starts at sigma_max), and the identity at sigma_min."""
+    teacher = load_model(fm_model)
+    student = student_from(teacher, sampler=cd_sampler(1, teacher))
+    p = sampler_params(teacher)
+    x, cond = torch.randn(4, 9, 16, 45), torch.rand(4, teacher.n_cond + 1)
+    f, D = denoiser(student, p), denoiser(teacher, p)
+    T = torch.full((4,), p.sigma_max)
+    # f - D = c_skip (x_T - D), c_skip(80) = 4e-5 and |x_T| < 80 x 5: within 0.016
+    torch.testing.assert_close(f(x * p.sigma_max, T, cond), D(x * p.sigma_max, T, cond), rtol=0, atol=0.016)
+    torch.testing.assert_close(f(x, torch.full((4,), p.sigma_min), cond), x, rtol=0, atol=0)
+    # the same weights read as EDM's F (a student saved without `teacher_objective`) are far from the teacher
+    edm_reading = denoiser(student, p, teacher="edm")(x * p.sigma_max, T, cond)
+    assert (edm_reading - D(x * p.sigma_max, T, cond)).abs().mean() > 0.1

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from calofm.cli import app
 from calofm.data.formats import open_showers, read_showers
-from calofm.diffusion import sampler_params
 from calofm.generate import generate_showers
 from calofm.hub import load_model
 from calofm.train.distill import cd_sampler, student_from
@@ -45,7 +44,7 @@ def test_generate_cli_takes_conditions_and_writes_calochallenge(tiny_edm, data_d
 
 def test_showers_do_not_depend_on_batching_or_process_split(tiny_edm):
     model = load_model(tiny_edm)
-    cd = student_from(model, sampler=cd_sampler(2, sampler_params(model)))  # multistep CD re-noises: per shower too
+    cd = student_from(model, sampler=cd_sampler(2, model))  # multistep CD re-noises: per shower too
     rng = np.random.default_rng(0)
     e, t, p = rng.uniform(1e4, 1e5, 5), rng.uniform(1.0, 2.0, 5), rng.uniform(0.0, 6.0, 5)
     for m in (model, cd):
@@ -187,7 +186,7 @@ def test_onnxruntime_backend_gives_the_torch_showers(tiny_edm):
     from calofm.generate import with_backend
 
     model = load_model(tiny_edm)
-    cd = student_from(model, sampler=cd_sampler(1, sampler_params(model)))
+    cd = student_from(model, sampler=cd_sampler(1, model))
     rng = np.random.default_rng(0)
     e, t, p = rng.uniform(1e4, 1e5, 5), rng.uniform(1.0, 2.0, 5), rng.uniform(0.0, 6.0, 5)
     for m, steps, rtol in ((model, 8, 1e-4), (cd, 1, 2e-5)):

@@ -95,6 +95,12 @@ def test_killed_run_resumes_to_identical_weights(data_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # a finished run resumed again returns its model: no deposit refit, nothing rewritten
+    saved = (tmp_path / "b" / "model" / "model.safetensors").stat().st_mtime_ns
+    again = cli(*pretrain_args(data_dir, tmp_path / "b"), "--resume")
+    out = again.communicate()[0]
+    assert again.returncode == 0 and "already finished its 40 steps" in out, out
+    assert (tmp_path / "b" / "model" / "model.safetensors").stat().st_mtime_ns == saved
 
 
 RANK_PROBE = """

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from calofm.diffusion import flow
-from calofm.diffusion.consistency import boundary_scalings
+from calofm.diffusion.consistency import boundary_scalings, consistency_function
 from calofm.diffusion.edm import Denoiser, EDMParams, heun_sample, per_sample, precond
 
 # The encoded deposit is standardised (unit variance over the training showers), so sigma_data = 1.
@@ -49,12 +49,22 @@ def velocity(model: torch.nn.Module) -> flow.Velocity:
     return lambda x, t, cond: model(x, t.to(torch.float32).view(-1), cond).to(x.dtype)
 
 
-def denoiser(model: torch.nn.Module, params: EDMParams = EDMParams(), objective: str | None = None) -> Denoiser:
+def teacher_objective(model: torch.nn.Module) -> str:
+    """What a consistency model's network was trained as before its distillation: its teacher's objective (edm or
+    fm), saved in its `sampler` config (models saved without it were distilled from EDM)."""
+    return (model.sampler or {}).get("teacher_objective", "edm")
+
+
+def denoiser(model: torch.nn.Module, params: EDMParams = EDMParams(), objective: str | None = None,
+             teacher: str | None = None) -> Denoiser:
     """D(x, sigma, cond) = c_skip x + c_out F(c_in x, c_noise, cond) for model.objective in {edm, cd}; for fm,
-    the FM model's own estimate of x_0 (`flow.as_denoiser`)."""
+    the FM model's own estimate of x_0 (`flow.as_denoiser`); for cd distilled from fm (`teacher`, default
+    `teacher_objective(model)`), that estimate under the boundary condition (`consistency.consistency_function`)."""
     objective = objective or model.objective
     if objective == "fm":
         return flow.as_denoiser(velocity(model))
+    if objective == "cd" and (teacher or teacher_objective(model)) == "fm":
+        return consistency_function(flow.as_denoiser(velocity(model)), params.sigma_data, params.sigma_min)
 
     def D(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(torch.float32).view(-1)

@@ -22,6 +22,19 @@ def boundary_scalings(sigma: torch.Tensor, sigma_data: float, sigma_min: float):
     return c_skip, c_out
 
 
+def consistency_function(D: Denoiser, sigma_data: float, sigma_min: float) -> Denoiser:
+    """f(x, sigma) = c_skip x + (1 - c_skip) D(x, sigma) (c_skip of `boundary_scalings`): a consistency function
+    made of a denoiser D that is not EDM's preconditioned F, such as a flow-matching model's x_0 estimate. It is
+    exact at sigma_min (f = x) and D itself where sigma >> sigma_data, so a student made of its teacher's network
+    starts as that teacher's denoiser, as an EDM teacher's student does."""
+
+    def f(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        c_skip = per_sample(boundary_scalings(sigma.to(torch.float32).view(-1), sigma_data, sigma_min)[0], x)
+        return c_skip * x + (1 - c_skip) * D(x, sigma, cond)
+
+    return f
+
+
 def boundaries(N: int, p: EDMParams, device=None) -> torch.Tensor:
     """t_1 = sigma_min < t_2 < ... < t_N = sigma_max: EDM's Karras schedule with N levels, in ascending order.
 

@@ -235,7 +235,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
                 student.deposit_net.load_state_dict(edm.deposit_net.state_dict())
         else:
             accelerator.print("no pretrained CD model: stage 2 starts the student from the adapted EDM")
-            student = student_from(edm, sampler=cd_sampler(cfg.distill.sample_steps, sampler_params(edm)),
+            student = student_from(edm, sampler=cd_sampler(cfg.distill.sample_steps, edm),
                                    provenance=cd_provenance)
         torch.manual_seed(cfg.train.seed)
         net = select_trainable(student, a.mode, **lora)

@@ -64,6 +64,11 @@ def damage(ckpt: Path) -> str | None:
     return None
 
 
+def step_of(ckpt: Path) -> int:
+    """The training step a checkpoint folder `step_NNNNNNN` was written at."""
+    return int(ckpt.name.removeprefix("step_"))
+
+
 def last_good(out: str | Path) -> Path | None:
     """The newest checkpoint that matches its manifest, or None: what an error message points the user to."""
     return next((c for c in checkpoints(out) if damage(c) is None), None)

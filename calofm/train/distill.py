@@ -1,8 +1,8 @@
 """Consistency distillation of an EDM model into a one-step sampler (CaloDiT-2 section 3.1.2, Song et al. 2023).
 
-A flow-matching teacher works the same way: its ODE is seen in EDM's sigma through `flow.as_denoiser`; the student
-then starts from weights trained for a different parametrisation (velocity at t instead of EDM's F at ln(sigma) / 4),
-a worse start than an EDM teacher's (benchmarks/objectives.md measures both).
+A flow-matching teacher works the same way: its ODE is seen in EDM's sigma through `flow.as_denoiser`, and its
+student keeps the teacher's parametrisation (a velocity at t) under the boundary condition
+(`consistency.consistency_function`), so it too starts as its teacher's denoiser (benchmarks/objectives.md).
 
 Three networks of one architecture: the frozen teacher, the student (initialised from the teacher, trained by
 the shared loop) and the target, an EMA of the student with constant mu. As in the paper, the teacher is
@@ -26,13 +26,15 @@ from calofm.diffusion.edm import EDMParams
 from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
 from calofm.train.ema import EMA, constant_decay
-from calofm.train.loop import latest_checkpoint, make_accelerator, save_model, train
+from calofm.train.loop import finished_model, latest_checkpoint, make_accelerator, save_model, train
 
 
-def cd_sampler(steps: int, params: EDMParams) -> dict:
-    """The sampler config saved with a consistency model: its steps (levels: `consistency.multistep_sigmas`) and
-    the teacher's parameters, which its boundary condition and preconditioning share."""
-    return {"name": "consistency", "steps": steps, **params.sampler_config()}
+def cd_sampler(steps: int, teacher: nn.Module) -> dict:
+    """The sampler config saved with a consistency model: its steps (levels: `consistency.multistep_sigmas`), the
+    teacher's objective (the student's network keeps its parametrisation: `diffusion.denoiser`) and the teacher's
+    parameters, which its boundary condition and preconditioning share."""
+    return {"name": "consistency", "steps": steps, "teacher_objective": teacher.objective,
+            **sampler_params(teacher).sampler_config()}
 
 
 class CDObjective:
@@ -40,7 +42,8 @@ class CDObjective:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, N: int = 32, mu: float = 0.95,
                  params: EDMParams = EDMParams(), distance: str = "l2", weighting: str = "uniform"):
-        if getattr(teacher, "objective", "edm") not in ("edm", "fm"):
+        self.teacher_objective = getattr(teacher, "objective", "edm")  # the student's parametrisation too
+        if self.teacher_objective not in ("edm", "fm"):
             raise ValueError(f"the teacher must be an EDM or FM model, but its objective is {teacher.objective!r}")
         if not 0.0 <= mu < 1.0:
             raise ValueError(f"distill.mu must be in [0, 1), got {mu}")
@@ -50,10 +53,10 @@ class CDObjective:
             student.deposit_net.requires_grad_(False)  # one number a shower needs no distillation
         self.D_teacher = denoiser(teacher, params)  # an FM teacher's ODE in EDM's sigma (`flow.as_denoiser`)
         self.target = EMA(student, constant_decay(mu))
-        self.f_target = denoiser(self.target.model, params, objective="cd")
+        self.f_target = denoiser(self.target.model, params, "cd", self.teacher_objective)
 
     def loss(self, net: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        f = denoiser(net, self.params, objective="cd")
+        f = denoiser(net, self.params, "cd", self.teacher_objective)
         cond = shape_conditions(batch["cond"], batch.get("deposit"))
         return cd_loss(f, self.f_target, self.D_teacher, batch["x"], cond, self.params, self.N, generator,
                        self.distance, self.weighting)
@@ -100,13 +103,16 @@ def distill(cfg: RunConfig, resume: bool = False) -> Path:
         raise ValueError(f"need distill.n_boundaries >= 2 and distill.sample_steps >= 1, got {d.n_boundaries} "
                          f"and {d.sample_steps}")
     accelerator = make_accelerator(cfg)
+    if resume and (done := finished_model(cfg)) is not None:
+        accelerator.print(f"{done}: this run already finished its {cfg.train.steps} steps; nothing to resume")
+        return done
     teacher = load_model(d.teacher)
     if teacher.normalizer is None:
         raise ValueError(f"{d.teacher}: the teacher has no normaliser in its config; it was not trained by calofm")
     detectors = list(cfg.data.detectors) or sorted(teacher.slot_map, key=teacher.slot_map.get)
     files = find_detector_files(cfg.data.dir, detectors)
     params = sampler_params(teacher)
-    student = student_from(teacher, d.student_depth, sampler=cd_sampler(d.sample_steps, params), provenance={
+    student = student_from(teacher, d.student_depth, sampler=cd_sampler(d.sample_steps, teacher), provenance={
         "stage": "distill", "teacher": str(d.teacher), "teacher_provenance": teacher.provenance,
         "detectors": detectors, "steps": cfg.train.steps, "n_boundaries": d.n_boundaries, "mu": d.mu,
         "distance": d.distance, "weighting": d.weighting,

@@ -24,7 +24,7 @@ from calofm.diffusion.flow import FMParams, fm_loss
 from calofm.geometry import default_slot_map
 from calofm.models.dit import CaloDiT
 from calofm.train.deposit import refit_deposit
-from calofm.train.loop import latest_checkpoint, make_accelerator, save_model, train
+from calofm.train.loop import finished_model, latest_checkpoint, make_accelerator, save_model, train
 
 
 def edm_sampler(params: EDMParams) -> dict:
@@ -77,6 +77,9 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     """Train, fit the deposit net on its own (`cfg.deposit`), then save the EMA model to `<output_dir>/model`;
     returns that folder."""
     accelerator = make_accelerator(cfg)
+    if resume and (done := finished_model(cfg)) is not None:
+        accelerator.print(f"{done}: this run already finished its {cfg.train.steps} steps; nothing to resume")
+        return done
     files = find_detector_files(cfg.data.dir, cfg.data.detectors)
     normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit)
     slot_map = default_slot_map(cfg.data.detectors)
