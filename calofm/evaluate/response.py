@@ -40,14 +40,21 @@ def _ratio(a: float, a_err: float, b: float, b_err: float) -> tuple[float, float
     return q, abs(q) * float(np.hypot(a_err / a if a else 0.0, b_err / b))
 
 
+def energy_bins(ref_energy: np.ndarray, bins: int = N_BINS) -> np.ndarray:
+    """`bins` + 1 log-spaced E_inc edges spanning the reference sample; the last edge nudged up so that its
+    highest energy falls inside."""
+    edges = np.geomspace(ref_energy.min(), ref_energy.max(), bins + 1)
+    edges[-1] = np.nextafter(edges[-1], np.inf)
+    return edges
+
+
 def response_table(ref_showers, ref_energy, gen_showers, gen_energy, bins: int = N_BINS) -> list[dict]:
     """One row per log-spaced E_inc bin: reference and generated mean response and relative spread, and the
     ratios generated / reference with errors. Bins with fewer than MIN_SHOWERS_PER_BIN showers in either sample
     are left out."""
     ref_energy, gen_energy = np.asarray(ref_energy, np.float64), np.asarray(gen_energy, np.float64)
     r_ref, r_gen = response(ref_showers, ref_energy), response(gen_showers, gen_energy)
-    edges = np.geomspace(ref_energy.min(), ref_energy.max(), bins + 1)
-    edges[-1] = np.nextafter(edges[-1], np.inf)
+    edges = energy_bins(ref_energy, bins)
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         a, b = r_ref[(ref_energy >= lo) & (ref_energy < hi)], r_gen[(gen_energy >= lo) & (gen_energy < hi)]
