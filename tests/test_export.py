@@ -146,9 +146,11 @@ def test_graph_conditions_equal_encode_conditions(cd):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-@pytest.mark.parametrize("objective,steps,detector", [("cd", 1, "new"), ("edm", 4, "par04_scipb")])
+@pytest.mark.parametrize("objective,steps,detector", [("cd", 1, "new"), ("edm", 4, "par04_scipb"),
+                                                      ("cd-from-fm", 1, "odd")])
 def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path):
-    model = cd if objective == "cd" else edm
+    # cd-from-fm: the same weights read as a flow-matching teacher's student (diffusion.denoiser)
+    model = {"cd": cd, "edm": edm}.get(objective) or cd.with_config(sampler={**cd.sampler, "teacher_objective": "fm"})
     out = export_quietly(model, tmp_path / f"g.{fmt}", fmt, steps=steps, noise_input=True)
     x = contract_input(64.0, 0.7, 1.3, [detector])
     g = torch.Generator().manual_seed(3)
@@ -160,7 +162,7 @@ def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path
     # units and index order: GeV, flat r*(16*45) + phi*45 + z, i.e. a C-order reshape to (r, phi, z) * 1000 = MeV
     assert_matches(got.reshape(1, 9, 16, 45) * 1000.0, contract_cut(eager))
     assert got[got > 0].min() >= OUTPUT_THRESHOLD_GEV
-    if objective == "cd":  # the normaliser cuts nothing here: the graph's own 0.5 keV cut zeroed these cells
+    if model.objective == "cd":  # the normaliser cuts nothing here: the graph's own 0.5 keV cut zeroed these cells
         below = (eager > 0) & (eager < OUTPUT_THRESHOLD_GEV * 1000 * 0.999)
         assert below.sum() > 100 and (got.reshape(eager.shape)[below] == 0).all()
 
@@ -168,8 +170,8 @@ def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path
     assert meta["inputs"][0]["layout"] == list(INPUT_LAYOUT) and meta["inputs"][0]["shape"] == [1, 8]
     assert [s["name"] for s in meta["slots"]] == list(CONTRACT_SLOTS)
     assert meta["output"]["unit"] == "GeV" and meta["output"]["shape"] == [1, 6480]
-    assert meta["sampler"] == {"objective": objective, "steps": steps,
-                               "network_evaluations": steps if objective == "cd" else 2 * steps - 1,
+    assert meta["sampler"] == {"objective": model.objective, "steps": steps,
+                               "network_evaluations": steps if model.objective == "cd" else 2 * steps - 1,
                                "deposit_net_evaluations": 2 * DEPOSIT_STEPS - 1}  # the total deposit, drawn first
     assert [i["name"] for i in meta["inputs"]] == ["conditions", "noise", "deposit_noise"]
     assert meta["model"]["slot_map"] == model.slot_map
