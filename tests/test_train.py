@@ -145,12 +145,13 @@ def test_pretrain_under_torchrun(data_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(row["processes"] == 2 for row in rows)
     assert CaloDiT.from_pretrained(tmp_path / "ddp" / "model").slot_map["odd"] == 2
-    # one process cannot continue a 2-process run bit for bit: an error, unless allowed (then a warning)
-    one = cli(*pretrain_args(data_dir, tmp_path / "ddp", steps=6, every=3), "--resume")
+    # one process cannot continue a 2-process run bit for bit (here lengthened to 9 steps, since a finished run
+    # resumed returns its model): an error, unless allowed (then a warning)
+    one = cli(*pretrain_args(data_dir, tmp_path / "ddp", steps=9, every=3), "--resume")
     log = one.communicate()[0]
     assert one.returncode == 2 and "written by 2 process(es), this run has 1" in log, log
     assert "train.allow_world_size_change=true" in log and "Traceback" not in log
-    one = cli(*pretrain_args(data_dir, tmp_path / "ddp", steps=6, every=3), "--resume", "--set",
+    one = cli(*pretrain_args(data_dir, tmp_path / "ddp", steps=9, every=3), "--resume", "--set",
               "train.allow_world_size_change=true")
     log = one.communicate()[0]
     assert one.returncode == 0 and "warning: " in log and "no longer bit-exact" in log, log
