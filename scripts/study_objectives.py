@@ -62,8 +62,7 @@ def main() -> None:
         cfg = load_config("distill-tiny", [*common, f"output_dir={out / (objective + '-cd')}",
                                            f"train.steps={args.cd_steps}", "train.checkpoint_every=250"])
         cfg.distill.teacher = str(teacher)
-        student = distill(cfg, resume=True)
-        models[objective], models[f"{objective}-cd"] = load_model(teacher), load_model(student)
+        models[objective], models[f"{objective}-cd"] = load_model(teacher), load_model(distill(cfg, resume=True))
         timing[objective] = time.process_time() - tic
     detectors = args.detectors or sorted(models["edm"].slot_map, key=models["edm"].slot_map.get)
     refs = {}

@@ -103,8 +103,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> Path:
         raise ValueError(f"need distill.n_boundaries >= 2 and distill.sample_steps >= 1, got {d.n_boundaries} "
                          f"and {d.sample_steps}")
     accelerator = make_accelerator(cfg)
-    if resume and (done := finished_model(cfg)) is not None:
-        accelerator.print(f"{done}: this run already finished its {cfg.train.steps} steps; nothing to resume")
+    if resume and (done := finished_model(cfg, say=accelerator.print)) is not None:
         return done
     teacher = load_model(d.teacher)
     if teacher.normalizer is None:

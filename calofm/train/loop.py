@@ -59,13 +59,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[0] if found else None
 
 
-def finished_model(cfg: RunConfig) -> Path | None:
+def finished_model(cfg: RunConfig, say=print) -> Path | None:
     """`<output_dir>/model` of a run that already ended (its newest intact checkpoint at `train.steps`, its model
-    saved, last and atomically), else None: `--resume` returns it instead of redoing the work after training."""
+    saved, last and atomically), said so; else None: `--resume` returns it instead of redoing the work after
+    training."""
     model, ckpt = Path(cfg.output_dir) / "model", last_good(cfg.output_dir)
-    if ckpt is not None and checkpoint.step_of(ckpt) == cfg.train.steps and (model / "config.json").exists():
-        return model
-    return None
+    if ckpt is None or checkpoint.step_of(ckpt) != cfg.train.steps or not (model / "config.json").exists():
+        return None
+    say(f"{model}: this run already finished its {cfg.train.steps} steps; nothing to resume")
+    return model
 
 
 def _noise_generator(device: torch.device, *key: int) -> torch.Generator:

@@ -77,8 +77,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     """Train, fit the deposit net on its own (`cfg.deposit`), then save the EMA model to `<output_dir>/model`;
     returns that folder."""
     accelerator = make_accelerator(cfg)
-    if resume and (done := finished_model(cfg)) is not None:
-        accelerator.print(f"{done}: this run already finished its {cfg.train.steps} steps; nothing to resume")
+    if resume and (done := finished_model(cfg, say=accelerator.print)) is not None:
         return done
     files = find_detector_files(cfg.data.dir, cfg.data.detectors)
     normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit)
