@@ -106,16 +106,25 @@ class TrainConfig:
 @dataclass
 class EDMConfig:
     """EDM's data scale and training distribution of noise levels (Karras et al. 2022, table 1): ln sigma ~
-    N(p_mean, p_std^2). Saved with the model (`sigma_data` in its sampler config); benchmarks/fidelity.md measures
-    other values."""
+    N(p_mean, p_std^2), and its sampler's stochasticity (algorithm 2, `calofm.diffusion.edm.Churn`). Saved with the
+    model (`sigma_data` and `churn` in its sampler config; an adapted model keeps its pretrained model's sampler);
+    benchmarks/fidelity.md measures other values."""
     sigma_data: float = 0.5            # the normalised showers have std 1; EDM's 0.5 measured better
     p_mean: float = -0.4               # EDM2's values (EDM's -1.2, 1.2 trained a worse shape: fidelity.md)
     p_std: float = 1.0
+    s_churn: float = 10.0              # 0: the deterministic sampler (algorithm 1), which lights stray cells in
+    s_min: float = 0.05                # low-energy showers; 40 (EDM's ImageNet value) blurred the high-energy
+    s_max: float = 50.0                # ones (fidelity.md); s_min, s_max, s_noise: EDM's ImageNet-64 values
+    s_noise: float = 1.003
 
     def __post_init__(self):
         _between(self, "edm", "sigma_data", 0.0, math.inf, low_open=True)
         _between(self, "edm", "p_mean", -math.inf, math.inf)
         _between(self, "edm", "p_std", 0.0, math.inf, low_open=True)
+        _between(self, "edm", "s_churn", 0.0, math.inf)
+        _between(self, "edm", "s_min", 0.0, math.inf)
+        _between(self, "edm", "s_max", self.s_min if isinstance(self.s_min, (int, float)) else 0.0, math.inf)
+        _between(self, "edm", "s_noise", 0.0, math.inf, low_open=True)
 
 
 @dataclass

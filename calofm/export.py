@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from calofm.data.transforms import Normalizer, kinematics
-from calofm.diffusion import DEPOSIT_STEPS, network_evaluations, sample, sampler_steps
+from calofm.diffusion import DEPOSIT_STEPS, network_evaluations, sample, sampler_steps, step_noise_draws
 from calofm.geometry import DR_MM, DZ_MM, E_MIN_MEV, EMAX_GLOBAL_MEV, N_CELLS, PHI_RANGE, SHAPE, THETA_RANGE
 from calofm.io import atomic_path, atomic_write_text
 from calofm.particles import PHOTON
@@ -76,8 +76,9 @@ def slot_matrix(slot_map: dict[str, int], n_slots: int, slots: dict[str, str | N
 
 
 class Par04Generator(nn.Module):
-    """The exported graph: contract conditions (B, 8) [+ noise (B, 9, 16, 45) [+ deposit noise (B, 1)]] -> (B, 6480)
-    energies in GeV."""
+    """The exported graph: contract conditions (B, 8) [+ noise (B, 9, 16, 45) [+ deposit noise (B, 1) [+ step noise
+    (k, B, 9, 16, 45)]]] -> (B, 6480) energies in GeV. Step noise is what a stochastic sampler adds on the way
+    (`calofm.diffusion.step_noise_draws`: k re-noisings of a multistep CD sampler or churned EDM steps)."""
 
     def __init__(self, model: nn.Module, steps: int, slots: dict[str, str | None]):
         super().__init__()
@@ -108,14 +109,25 @@ class Par04Generator(nn.Module):
             parts.append(self.photon.expand(inputs.shape[0], -1))
         return torch.cat(parts, 1)
 
+    @property
+    def noise_names(self) -> list[str]:
+        """The graph's noise inputs when it takes them (`noise_input`): its step noise only for a model that draws
+        the deposit, as the inputs are positional (a model without one draws its step noise inside the graph)."""
+        names = ["noise"]
+        if self.model.deposit_net is not None:
+            names.append("deposit_noise")
+            if step_noise_draws(self.model, self.steps):
+                names.append("step_noise")
+        return names
+
     def forward(self, inputs: torch.Tensor, noise: torch.Tensor | None = None,
-                deposit_noise: torch.Tensor | None = None) -> torch.Tensor:
+                deposit_noise: torch.Tensor | None = None, step_noise: torch.Tensor | None = None) -> torch.Tensor:
         if noise is None:  # randn_like follows the input's device, so one graph serves CPU and CUDA
             noise = torch.randn_like(inputs[:, :1, None, None].expand(-1, *SHAPE))
         if deposit_noise is None and self.model.deposit_net is not None:
             deposit_noise = torch.randn_like(inputs[:, :1])
         z, deposit = sample(self.model, noise, self.model_conditions(inputs), steps=self.steps,
-                            deposit_noise=deposit_noise)
+                            deposit_noise=deposit_noise, step_noise=step_noise)
         n = self.normalizer
         # E_inc (x response) in MeV; a product and sum, not a MatMul, which int8 export would quantise (by 24%)
         scale = inputs[:, 0] * 1000.0 * (inputs[:, 3:] * self.slot_response).sum(1)
@@ -132,22 +144,27 @@ def model_config(model: nn.Module) -> dict:
 
 
 def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: int,
-             slots: dict[str, str | None], noise_input: bool, source: str | None, precision: str = "fp32") -> dict:
-    """What a Geant4 user needs to call the graph, as JSON."""
+             slots: dict[str, str | None], noise_names: list[str], source: str | None, precision: str = "fp32") -> dict:
+    """What a Geant4 user needs to call the graph, as JSON; `noise_names`: its noise inputs (none: drawn inside)."""
     batch_dim = batch if batch is not None else "batch"
     evaluations = network_evaluations(model, steps)
     deposit_evaluations = 2 * DEPOSIT_STEPS - 1 if model.deposit_net is not None else 0
+    draws = step_noise_draws(model, steps)
     inputs = [dict(name="conditions", shape=[batch_dim, len(INPUT_LAYOUT)], dtype="float32",
                    layout=list(INPUT_LAYOUT),
                    units=dict(energy="GeV", phi="rad", theta="rad"),
                    ranges=dict(energy_gev=[E_MIN_MEV / 1000, EMAX_GLOBAL_MEV / 1000], phi_rad=list(PHI_RANGE),
                                theta_rad=list(THETA_RANGE)))]
-    if noise_input:
-        inputs.append(dict(name="noise", shape=[batch_dim, *SHAPE], dtype="float32",
-                           description="unit Gaussian start of the sampler (for validation against PyTorch)"))
-        if deposit_evaluations:
-            inputs.append(dict(name="deposit_noise", shape=[batch_dim, 1], dtype="float32",
-                               description="unit Gaussian start of the total deposit's sampler"))
+    noise_inputs = {
+        "noise": ([batch_dim, *SHAPE], "unit Gaussian start of the sampler (for validation against PyTorch)"),
+        "deposit_noise": ([batch_dim, 1], "unit Gaussian start of the total deposit's sampler"),
+        "step_noise": ([draws, batch_dim, *SHAPE], "unit Gaussian noise the sampler adds on the way (multistep "
+                                                   "re-noising or EDM churn), one tensor a step that adds it")}
+    inputs += [dict(name=n, shape=noise_inputs[n][0], dtype="float32", description=noise_inputs[n][1])
+               for n in noise_names]
+    noise = ("drawn inside the graph" if not noise_names else "all from the noise inputs"
+             if not draws or "step_noise" in noise_names
+             else "the sampler starts from the 'noise' input; its step noise is drawn inside the graph")
     return dict(
         contract="geant4-par04",
         format=fmt,
@@ -162,8 +179,7 @@ def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: 
         output=dict(name="energies", shape=[batch_dim, N_CELLS], dtype="float32", unit="GeV",
                     index="r*(16*45) + phi*45 + z", mesh=dict(zip(("r", "phi", "z"), SHAPE, strict=True)),
                     dr_mm=DR_MM, dz_mm=DZ_MM, dphi_rad=2 * math.pi / SHAPE[1], threshold_gev=OUTPUT_THRESHOLD_GEV),
-        noise=("the sampler starts from the 'noise' input; multistep re-noising is drawn inside the graph"
-               if noise_input else "drawn inside the graph"),
+        noise=noise,
         sampler=dict(objective=model.objective, steps=steps, network_evaluations=evaluations,
                      deposit_net_evaluations=deposit_evaluations),
         model_source=source,
@@ -215,12 +231,12 @@ def _onnx_proto(graph: Par04Generator, example: tuple, meta: str, dynamic_batch:
     """The graph as an ONNX ModelProto with the contract in its metadata; int8: `_quantize_int8` of it."""
     import onnx
 
-    names = ["conditions", "noise", "deposit_noise"][: len(example)]
+    names = ["conditions", *graph.noise_names][: len(example)]
+    axes = {n: {1 if n == "step_noise" else 0: "batch"} for n in [*names, "energies"]}
     buf = io.BytesIO()
     with _quiet_tracing():  # the TorchScript-based exporter: it unrolls the sampler as torch.jit.trace does
         torch.onnx.export(graph, example, buf, dynamo=False, opset_version=ONNX_OPSET, input_names=names,
-                          output_names=["energies"],
-                          dynamic_axes={n: {0: "batch"} for n in [*names, "energies"]} if dynamic_batch else None)
+                          output_names=["energies"], dynamic_axes=axes if dynamic_batch else None)
     proto = onnx.load_from_string(buf.getvalue())
     proto.producer_name = "calofm"
     onnx.checker.check_model(proto, full_check=True)
@@ -313,9 +329,9 @@ def _example(graph: Par04Generator, batch: int, noise_input: bool) -> tuple[torc
     conditions = torch.tensor([[50.0, 1.0, 1.5, 1.0, 0.0, 0.0, 0.0, 0.0]], device=device)
     example = (conditions.expand(batch, -1).contiguous(),)
     if noise_input:
-        example += (torch.randn(batch, *SHAPE, device=device),)
-        if graph.model.deposit_net is not None:
-            example += (torch.randn(batch, 1, device=device),)
+        shapes = {"noise": (batch, *SHAPE), "deposit_noise": (batch, 1),
+                  "step_noise": (step_noise_draws(graph.model, graph.steps), batch, *SHAPE)}
+        example += tuple(torch.randn(shapes[name], device=device) for name in graph.noise_names)
     return example
 
 
@@ -325,7 +341,7 @@ def onnx_graph(model: nn.Module, *, steps: int | None = None, new_detector: str 
     slots: what `calofm generate --backend onnxruntime` opens, without a file."""
     check_options("onnx", steps=steps, precision=precision)
     graph, slots = _prepare(model, steps, new_detector, None)
-    meta = json.dumps(contract(graph.model, "onnx", "cpu", None, graph.steps, slots, True, None, precision))
+    meta = json.dumps(contract(graph.model, "onnx", "cpu", None, graph.steps, slots, graph.noise_names, None, precision))
     with torch.no_grad():
         proto = _onnx_proto(graph, _example(graph, 2, True), meta, True, precision)
     return proto.SerializeToString(), slots
@@ -356,7 +372,8 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device
                       "those one-hots give empty showers", stacklevel=2)
 
     example = _example(graph, 2 if dynamic_batch else batch, noise_input)  # a traced size-1 axis could be specialised
-    meta = json.dumps(contract(model, fmt, device, None if dynamic_batch else batch, steps, slots, noise_input,
+    meta = json.dumps(contract(model, fmt, device, None if dynamic_batch else batch, steps, slots,
+                               graph.noise_names if noise_input else [],
                                source, precision), indent=2)
 
     out = Path(out)

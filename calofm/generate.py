@@ -10,7 +10,7 @@ import torch
 
 from calofm.data.formats import Showers
 from calofm.data.transforms import Normalizer, encode_conditions
-from calofm.diffusion import sample, sampler_steps
+from calofm.diffusion import sample, sampler_steps, step_noise_draws
 from calofm.export import CONTRACT_SLOTS, INPUT_LAYOUT
 from calofm.export import PRECISIONS as EXPORT_PRECISIONS
 from calofm.geometry import SHAPE
@@ -82,9 +82,11 @@ class OrtGenerator:
         raise ValueError(f"detector {detector!r} has no slot in this ONNX graph's Par04 contract "
                          f"({self.slots}); build the graph for it (with_backend(..., detector={detector!r}))")
 
-    def __call__(self, conditions: np.ndarray, noise: torch.Tensor, deposit_noise: torch.Tensor) -> np.ndarray:
-        """(B, 8) contract conditions -> (B, 6480) GeV, from this noise."""
-        feeds = {"conditions": conditions, "noise": noise.numpy(), "deposit_noise": deposit_noise.numpy()}
+    def __call__(self, conditions: np.ndarray, noise: torch.Tensor, deposit_noise: torch.Tensor,
+                 step_noise: torch.Tensor | None) -> np.ndarray:
+        """(B, 8) contract conditions -> (B, 6480) GeV, from this noise (`shower_noise`'s)."""
+        feeds = {"conditions": conditions, "noise": noise.numpy(), "deposit_noise": deposit_noise.numpy(),
+                 "step_noise": None if step_noise is None else step_noise.numpy()}
         return self.session.run(None, {i.name: feeds[i.name] for i in self.session.get_inputs()})[0]
 
 
@@ -106,17 +108,18 @@ def with_backend(model, backend: str = "torch", precision: str = "fp32", steps: 
     return OrtGenerator(base, precision, steps, new_detector=adapted)
 
 
-def shower_noise(seed: int, index: np.ndarray, steps: int, multistep: bool, device) -> tuple[torch.Tensor, ...]:
+def shower_noise(seed: int, index: np.ndarray, draws: int, device) -> tuple[torch.Tensor, ...]:
     """All the Gaussian noise of showers `index`, each drawn from its own generator keyed by (seed, index): the
-    starting noise (B, 9, 16, 45), the deposit's (B, 1) and a multistep CD sampler's re-noising (steps - 1, B, ...).
-    So a shower is the same whatever the batch it is generated in, or the process."""
+    starting noise (B, 9, 16, 45), the deposit's (B, 1) and `draws` more of a shower's shape that the sampler adds
+    on the way ((draws, B, ...), `calofm.diffusion.step_noise_draws`; None when 0). So a shower is the same
+    whatever the batch it is generated in, or the process."""
     parts = []
     for i in index:
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
         parts.append((torch.randn(SHAPE, generator=g), torch.randn(1, generator=g),
-                      torch.randn((steps - 1, *SHAPE) if multistep else (0, *SHAPE), generator=g)))
-    noise, deposit, renoise = (torch.stack(p).to(device) for p in zip(*parts))
-    return noise, deposit, renoise.transpose(0, 1) if multistep else None
+                      torch.randn((draws, *SHAPE), generator=g)))
+    noise, deposit, steps = (torch.stack(p).to(device) for p in zip(*parts))
+    return noise, deposit, steps.transpose(0, 1) if draws else None
 
 
 @torch.no_grad()
@@ -128,7 +131,7 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     own sampler (EDM Heun, FM or CD) and step default.
     Shower i's noise depends only on (seed, first_index + i). `precision`: fp32, bf16 (autocast) or int8
     (`with_precision`). `backend` onnxruntime runs the exported Par04 graph on the same noise (fp32 or int8;
-    cells under its 0.5 keV cut are zero; a multistep CD sampler re-noises with onnxruntime's own noise).
+    cells under its 0.5 keV cut are zero).
     Calling repeatedly, pass `with_backend`'s result, so the model is quantised or exported once."""
     base = model.model if isinstance(model, OrtGenerator) else model
     if base.normalizer is None:
@@ -150,16 +153,16 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
     device = next(model.parameters()).device
     model.eval()
     steps = sampler_steps(model, steps)
+    draws = step_noise_draws(model, steps)
     out = []
     for start in range(0, len(energy), batch_size):
         sl = slice(start, start + batch_size)
         cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots, particles[sl],
                                  model.n_particle_slots).to(device)
         index = first_index + np.arange(start, start + cond.shape[0])
-        noise, deposit_noise, renoise = shower_noise(seed, index, steps, model.objective == "cd" and steps > 1,
-                                                     device)
+        noise, deposit_noise, step_noise = shower_noise(seed, index, draws, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise, renoise=renoise)
+            z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise, step_noise=step_noise)
         unit = normalizer.generated_unit(torch.from_numpy(energy[sl]).to(device), detector, deposit)
         out.append(normalizer.inverse(z.float(), unit).cpu().numpy())
         if progress is not None:
@@ -172,14 +175,14 @@ def _generate_ort(run: OrtGenerator, detector: str, energy: np.ndarray, theta: n
                   batch_size: int, seed: int, first_index: int, progress: Callable[[int], None] | None) -> Showers:
     """`generate_showers` through the graph: contract conditions (GeV, phi, theta, one-hot) in, GeV out."""
     slot = run.contract_slot(detector)
+    draws = step_noise_draws(run.model, run.steps)
     out = []
     for start in range(0, len(energy), batch_size):
         sl = slice(start, start + batch_size)
         x = np.zeros((len(energy[sl]), len(INPUT_LAYOUT)), np.float32)
         x[:, 0], x[:, 1], x[:, 2], x[:, 3 + slot] = energy[sl] / 1000.0, phi[sl], theta[sl], 1.0
         index = first_index + np.arange(start, start + len(x))
-        noise, deposit_noise, _ = shower_noise(seed, index, run.steps, False, "cpu")  # re-noising: the graph's own
-        out.append(run(x, noise, deposit_noise).reshape(-1, *SHAPE) * 1000.0)
+        out.append(run(x, *shower_noise(seed, index, draws, "cpu")).reshape(-1, *SHAPE) * 1000.0)
         if progress is not None:
             progress(len(x))
     showers = np.concatenate(out) if out else np.zeros((0, *SHAPE), np.float32)

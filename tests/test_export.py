@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from calofm.cli import app
 from calofm.data.formats import Showers, read_showers, write_lemurs
 from calofm.data.transforms import Normalizer, encode_conditions
-from calofm.diffusion import DEPOSIT_STEPS, sample
+from calofm.diffusion import DEPOSIT_STEPS, sample, step_noise_draws
 from calofm.export import (
     CONTRACT_KEY,
     CONTRACT_SLOTS,
@@ -79,12 +79,12 @@ def contract_input(energy_gev, phi, theta, slots) -> np.ndarray:
 
 
 def eager_mev(model, x: np.ndarray, detectors: list[str], noise: torch.Tensor, steps: int,
-              deposit_noise: torch.Tensor) -> np.ndarray:
+              deposit_noise: torch.Tensor, step_noise: torch.Tensor | None = None) -> np.ndarray:
     """The eager path (encode_conditions, calofm.diffusion.sample, Normalizer.inverse): (B, 9, 16, 45) MeV."""
     slot = torch.tensor([model.slot_map[d] for d in detectors])
     cond = encode_conditions(x[:, 0] * 1000.0, x[:, 2], x[:, 1], slot, model.n_slots)
     normalizer = Normalizer.from_dict(model.normalizer)
-    z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise)
+    z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise, step_noise=step_noise)
     unit = normalizer.generated_unit(torch.from_numpy(x[:, 0] * 1000.0), detectors, deposit)
     return normalizer.inverse(z, unit).numpy()
 
@@ -147,18 +147,22 @@ def test_graph_conditions_equal_encode_conditions(cd):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("objective,steps,detector", [("cd", 1, "new"), ("edm", 4, "par04_scipb"),
-                                                      ("cd-from-fm", 1, "odd")])
+                                                      ("cd-from-fm", 1, "odd"), ("cd", 3, "odd")])
 def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path):
-    # cd-from-fm: the same weights read as a flow-matching teacher's student (diffusion.denoiser)
+    # cd-from-fm: the same weights read as a flow-matching teacher's student (diffusion.denoiser); the EDM (churned,
+    # the default) and the 3-step CD add noise on the way: the graph takes it as its step_noise input
     model = {"cd": cd, "edm": edm}.get(objective) or cd.with_config(sampler={**cd.sampler, "teacher_objective": "fm"})
     out = export_quietly(model, tmp_path / f"g.{fmt}", fmt, steps=steps, noise_input=True)
     x = contract_input(64.0, 0.7, 1.3, [detector])
     g = torch.Generator().manual_seed(3)
     noise, dnoise = torch.randn(1, 9, 16, 45, generator=g), torch.randn(1, 1, generator=g)
-    got = run_exported(out, fmt, x, noise.numpy(), dnoise.numpy())
+    draws = step_noise_draws(model, steps)
+    assert draws == (steps - 1 if model.objective == "cd" else 2)  # EDM: 2 of its 4 levels lie in [0.05, 50]
+    snoise = torch.randn(draws, 1, 9, 16, 45, generator=g) if draws else None
+    got = run_exported(out, fmt, x, noise.numpy(), dnoise.numpy(), *([snoise.numpy()] if draws else []))
     assert got.shape == (1, 6480) and got.dtype == np.float32
 
-    eager = eager_mev(model, x, ["fccee_allegro" if detector == "new" else detector], noise, steps, dnoise)
+    eager = eager_mev(model, x, ["fccee_allegro" if detector == "new" else detector], noise, steps, dnoise, snoise)
     # units and index order: GeV, flat r*(16*45) + phi*45 + z, i.e. a C-order reshape to (r, phi, z) * 1000 = MeV
     assert_matches(got.reshape(1, 9, 16, 45) * 1000.0, contract_cut(eager))
     assert got[got > 0].min() >= OUTPUT_THRESHOLD_GEV
@@ -173,7 +177,8 @@ def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path
     assert meta["sampler"] == {"objective": model.objective, "steps": steps,
                                "network_evaluations": steps if model.objective == "cd" else 2 * steps - 1,
                                "deposit_net_evaluations": 2 * DEPOSIT_STEPS - 1}  # the total deposit, drawn first
-    assert [i["name"] for i in meta["inputs"]] == ["conditions", "noise", "deposit_noise"]
+    assert [i["name"] for i in meta["inputs"]] == ["conditions", "noise", "deposit_noise"] + ["step_noise"] * bool(draws)
+    assert meta["noise"] == "all from the noise inputs"
     assert meta["model"]["slot_map"] == model.slot_map
     if fmt == "onnx":
         proto = onnx.load(str(out))

@@ -71,8 +71,11 @@ def test_the_saved_sampler_config_is_what_runs(tiny_edm, tmp_path):
         (folder / "config.json").write_text(json.dumps({**config, "sampler": sampler}))
         return generate_showers(load_model(folder), "odd", e, t, p, steps=3, seed=1).showers
 
+    assert config["sampler"]["churn"] == {"S_churn": 10.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
     saved = showers(config["sampler"])
     assert np.abs(showers({**config["sampler"], "sigma_max": 20.0}) - saved).max() > 0.1  # MeV; float noise is 0
+    deterministic = {k: v for k, v in config["sampler"].items() if k != "churn"}  # as saved before the key
+    assert np.abs(showers(deterministic) - saved).max() > 0.1
     old = {k: v for k, v in config["sampler"].items() if k not in ("sigma_data", "sigma_min", "sigma_max", "rho")}
     np.testing.assert_array_equal(showers(old), saved)  # a folder saved before these keys: EDM's defaults
 
@@ -181,15 +184,15 @@ def assert_same_showers(got: np.ndarray, ref: np.ndarray, rtol: float) -> None:
 
 
 def test_onnxruntime_backend_gives_the_torch_showers(tiny_edm):
-    """The exported graph fed the same per-shower noise: the same showers to float rounding, for EDM and 1-step
-    CD (a multistep CD sampler re-noises with onnxruntime's own noise)."""
+    """The exported graph fed the same per-shower noise: the same showers to float rounding, for the (churned) EDM
+    and 1- and 2-step CD: the noise they add on the way is the graph's step_noise input."""
     from calofm.generate import with_backend
 
     model = load_model(tiny_edm)
     cd = student_from(model, sampler=cd_sampler(1, model))
     rng = np.random.default_rng(0)
     e, t, p = rng.uniform(1e4, 1e5, 5), rng.uniform(1.0, 2.0, 5), rng.uniform(0.0, 6.0, 5)
-    for m, steps, rtol in ((model, 8, 1e-4), (cd, 1, 2e-5)):
+    for m, steps, rtol in ((model, 8, 1e-4), (cd, 1, 2e-5), (cd, 2, 2e-5)):
         ref = generate_showers(m, "odd", e, t, p, steps=steps, seed=1).showers
         run = with_backend(m, "onnxruntime", "fp32", steps)
         assert with_backend(run, "onnxruntime", "fp32", steps) is run  # exported once

@@ -16,7 +16,7 @@ import torch
 
 from calofm.diffusion import flow
 from calofm.diffusion.consistency import boundary_scalings, consistency_function
-from calofm.diffusion.edm import Denoiser, EDMParams, heun_sample, per_sample, precond
+from calofm.diffusion.edm import Churn, Denoiser, EDMParams, heun_sample, per_sample, precond
 
 # The encoded deposit is standardised (unit variance over the training showers), so sigma_data = 1.
 DEPOSIT_PARAMS = EDMParams(sigma_data=1.0)
@@ -34,6 +34,18 @@ def sampler_steps(model: torch.nn.Module, steps: int | None = None) -> int:
 def sampler_params(model: torch.nn.Module) -> EDMParams:
     """The noise levels and sigma_data a model samples with: its saved `sampler` config (`EDMParams.from_sampler`)."""
     return EDMParams.from_sampler(model.sampler)
+
+
+def step_noise_draws(model: torch.nn.Module, steps: int | None = None) -> int:
+    """How many noise tensors of a shower's shape the model's sampler draws after its start: a multistep
+    consistency sampler's re-noisings (steps - 1), the churned steps of EDM's stochastic sampler (`Churn`), none
+    for flow matching."""
+    steps = sampler_steps(model, steps)
+    if model.objective == "cd":
+        return steps - 1
+    if model.objective == "edm":
+        return Churn.from_sampler(model.sampler).draws(steps, sampler_params(model))
+    return 0
 
 
 def network_evaluations(model: torch.nn.Module, steps: int | None = None) -> int:
@@ -90,12 +102,13 @@ def shape_conditions(cond: torch.Tensor, deposit: torch.Tensor | None) -> torch.
 @torch.no_grad()
 def sample(model: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, steps: int | None = None,
            generator: torch.Generator | None = None, progress: Callable | None = None,
-           deposit_noise: torch.Tensor | None = None, renoise: torch.Tensor | None = None,
+           deposit_noise: torch.Tensor | None = None, step_noise: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalised showers from unit Gaussian `noise` with the model's own sampler and its saved parameters, and the
     encoded deposit (B, 1) they were drawn with (None for a model without `deposit_net`). `deposit_noise` (B, 1)
-    starts the deposit's sampler (default: drawn from `generator`); `renoise` (steps - 1, B, ...) the re-noising
-    of a multistep consistency sampler (default: drawn from `generator`)."""
+    starts the deposit's sampler (default: drawn from `generator`); `step_noise` (`step_noise_draws`, B, ...) is
+    what the sampler adds on the way: a multistep consistency sampler's re-noising or EDM's churn (default: drawn
+    from `generator`)."""
     params = sampler_params(model)
     deposit = None
     if model.deposit_net is not None:
@@ -108,7 +121,8 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, step
         return flow.fm_sample(velocity(model), noise, cond, steps, model.sampler.get("name", "heun"), progress), deposit
     D = denoiser(model, params)
     if model.objective == "edm":
-        return heun_sample(D, noise, cond, params, steps, progress), deposit
+        return heun_sample(D, noise, cond, params, steps, progress, Churn.from_sampler(model.sampler), step_noise,
+                           generator), deposit
     from calofm.diffusion.consistency import multistep_sample
 
-    return multistep_sample(D, noise, cond, params, steps, generator, progress, renoise), deposit
+    return multistep_sample(D, noise, cond, params, steps, generator, progress, step_noise), deposit

@@ -1,4 +1,5 @@
-"""EDM (Karras et al. 2022): preconditioning, noise-level distribution, loss weight and the Heun sampler.
+"""EDM (Karras et al. 2022): preconditioning, noise-level distribution, loss weight and the Heun sampler
+(algorithm 1, deterministic, or algorithm 2 with `Churn`).
 
 Pure functions of tensors; `D` below is any denoiser callable D(x, sigma, cond) -> x0 estimate, for x of any
 shape (B, ...): a shower (B, 9, 16, 45) or its total deposit (B, 1).
@@ -6,6 +7,7 @@ shape (B, ...): a shower (B, 9, 16, 45) or its total deposit (B, 1).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +35,39 @@ class EDMParams:
 
     def sampler_config(self) -> dict:
         return {k: getattr(self, k) for k in SAMPLER_KEYS}
+
+
+@dataclass(frozen=True)
+class Churn:
+    """EDM algorithm 2's stochasticity. Before the step from each noise level t_i in [S_min, S_max], fresh noise
+    raises it to t_hat = (1 + gamma) t_i, gamma = min(S_churn / steps, sqrt(2) - 1), and the Heun step starts from
+    t_hat; S_noise a little above 1 offsets the denoiser's shrinking of the noise it adds. The fresh noise corrects
+    errors of the earlier steps (EDM section 4; benchmarks/fidelity.md: it removes most of the stray cells an
+    imperfect model lights in low-energy showers). S_churn = 0 is algorithm 1."""
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = math.inf
+    S_noise: float = 1.0
+
+    @classmethod
+    def from_sampler(cls, sampler: dict | None) -> Churn:
+        """A model's saved `sampler.churn` (absent: deterministic, as every model saved before it)."""
+        saved = (sampler or {}).get("churn") or {}
+        unknown = set(saved) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"sampler.churn: unknown key {sorted(unknown)[0]!r}; expected "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**{k: float(v) for k, v in saved.items()})
+
+    def levels(self, sigmas: list[float]) -> list[float]:
+        """t_hat of each step of the schedule `sigmas` (`karras_sigmas`: steps levels, then 0)."""
+        gamma = min(self.S_churn / (len(sigmas) - 1), math.sqrt(2) - 1)
+        return [t * (1 + gamma) if self.S_churn > 0 and self.S_min <= t <= self.S_max else t for t in sigmas[:-1]]
+
+    def draws(self, steps: int, p: EDMParams) -> int:
+        """How many fresh noise tensors a sample of `steps` steps takes."""
+        sigmas = karras_sigmas(steps, p.sigma_min, p.sigma_max, p.rho).tolist()
+        return sum(h > t for h, t in zip(self.levels(sigmas), sigmas, strict=False))
 
 
 def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -95,12 +130,22 @@ def heun_step(D: Denoiser, x: torch.Tensor, sigma: float | torch.Tensor, sigma_n
 
 @torch.no_grad()
 def heun_sample(D: Denoiser, noise: torch.Tensor, cond: torch.Tensor, p: EDMParams, steps: int = 32,
-                progress: Callable | None = None) -> torch.Tensor:
-    """Deterministic 2nd-order sampler: `steps` noise levels, 2 * steps - 1 network evaluations."""
+                progress: Callable | None = None, churn: Churn = Churn(), step_noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """2nd-order sampler: `steps` noise levels, 2 * steps - 1 network evaluations. With `churn`, the k-th churned
+    step's fresh noise is `step_noise[k]` when given ((churn.draws(steps, p), *noise.shape)), else drawn from
+    `generator`."""
     sigmas = karras_sigmas(steps, p.sigma_min, p.sigma_max, p.rho).tolist()
+    hats = churn.levels(sigmas)
     x = noise.to(torch.float32) * sigmas[0]
+    k = 0
     for i in range(steps):
-        x = heun_step(D, x, sigmas[i], sigmas[i + 1], cond)
+        if hats[i] > sigmas[i]:
+            z = step_noise[k].to(x) if step_noise is not None else torch.randn(x.shape, generator=generator,
+                                                                                device=x.device)
+            x = x + (hats[i] ** 2 - sigmas[i] ** 2) ** 0.5 * churn.S_noise * z
+            k += 1
+        x = heun_step(D, x, hats[i], sigmas[i + 1], cond)
         if progress is not None:
             progress()
     return x

@@ -3,12 +3,13 @@ free slots kept for adaptation, ONE normaliser fitted over all of them and froze
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from calofm.config import FMConfig, ModelConfig, RunConfig
+from calofm.config import EDMConfig, FMConfig, ModelConfig, RunConfig
 from calofm.data.loader import find_detector_files, fit_normalizer
 from calofm.data.sources import canonical_source
 from calofm.diffusion import (
@@ -19,7 +20,7 @@ from calofm.diffusion import (
     shape_conditions,
     velocity,
 )
-from calofm.diffusion.edm import EDMParams, edm_loss
+from calofm.diffusion.edm import Churn, EDMParams, edm_loss
 from calofm.diffusion.flow import FMParams, fm_loss
 from calofm.geometry import default_slot_map
 from calofm.models.dit import CaloDiT
@@ -27,9 +28,16 @@ from calofm.train.deposit import refit_deposit
 from calofm.train.loop import finished_model, latest_checkpoint, make_accelerator, save_model, train
 
 
-def edm_sampler(params: EDMParams) -> dict:
-    """The sampler config saved with an EDM model: Heun, its default steps and the parameters it was trained with."""
-    return {"name": "heun", "steps": DEFAULT_STEPS["edm"], **params.sampler_config()}
+def edm_sampler(params: EDMParams, churn: Churn = Churn()) -> dict:
+    """The sampler config saved with an EDM model: Heun, its default steps, the parameters it was trained with and
+    its churn (none when deterministic, as models saved before it)."""
+    return {"name": "heun", "steps": DEFAULT_STEPS["edm"], **params.sampler_config(),
+            **({"churn": dataclasses.asdict(churn)} if churn.S_churn > 0 else {})}
+
+
+def sampler_churn(edm: EDMConfig) -> Churn:
+    """The recipe's `edm.s_*` as the sampler's `Churn`."""
+    return Churn(edm.s_churn, edm.s_min, edm.s_max, edm.s_noise)
 
 
 def fm_sampler(cfg: FMConfig) -> dict:
@@ -87,7 +95,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, n_slots=len(slot_map) + cfg.model.n_free_slots, slot_map=slot_map,
                         normalizer=normalizer.to_dict(), objective=cfg.model.objective,
-                        sampler=fm_sampler(cfg.fm) if fm else edm_sampler(params),
+                        sampler=fm_sampler(cfg.fm) if fm else edm_sampler(params, sampler_churn(cfg.edm)),
                         provenance={"stage": "pretrain", "detectors": list(slot_map), "steps": cfg.train.steps,
                                     "data": canonical_source(cfg.data.dir)})
     if resume and latest_checkpoint(cfg.output_dir) is None:
