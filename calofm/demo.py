@@ -82,9 +82,10 @@ def stage_folder(ctx: DemoContext, name: str, **inputs) -> Path:
 
 
 def weights_digest(ref: str | Path) -> str:
-    """sha256 of a model's weights file (a shipped name or a folder): which model a stage started from."""
+    """sha256 of a model's config and weights (a shipped name or a folder): which model a stage started from (the
+    config is what runs: a new sampler setting is another model)."""
     folder = shipped_model(str(ref)) or Path(ref)
-    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    return hashlib.sha256(b"".join((folder / f).read_bytes() for f in ("config.json", "model.safetensors"))).hexdigest()
 
 
 def stage_data(ctx: DemoContext) -> None:
