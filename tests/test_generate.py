@@ -76,6 +76,8 @@ def test_the_saved_sampler_config_is_what_runs(tiny_edm, tmp_path):
     assert np.abs(showers({**config["sampler"], "sigma_max": 20.0}) - saved).max() > 0.1  # MeV; float noise is 0
     deterministic = {k: v for k, v in config["sampler"].items() if k != "churn"}  # as saved before the key
     assert np.abs(showers(deterministic) - saved).max() > 0.1
+    with pytest.raises(ValueError, match="sampler.churn: unknown key 'S_chrun'"):
+        showers({**config["sampler"], "churn": {"S_chrun": 10.0}})
     old = {k: v for k, v in config["sampler"].items() if k not in ("sigma_data", "sigma_min", "sigma_max", "rho")}
     np.testing.assert_array_equal(showers(old), saved)  # a folder saved before these keys: EDM's defaults
 

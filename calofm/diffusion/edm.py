@@ -42,8 +42,8 @@ class Churn:
     """EDM algorithm 2's stochasticity. Before the step from each noise level t_i in [S_min, S_max], fresh noise
     raises it to t_hat = (1 + gamma) t_i, gamma = min(S_churn / steps, sqrt(2) - 1), and the Heun step starts from
     t_hat; S_noise a little above 1 offsets the denoiser's shrinking of the noise it adds. The fresh noise corrects
-    errors of the earlier steps (EDM section 4; benchmarks/fidelity.md: it removes most of the stray cells an
-    imperfect model lights in low-energy showers). S_churn = 0 is algorithm 1."""
+    errors of the earlier steps (EDM section 4; benchmarks/fidelity.md: it halves the stray cells an imperfect
+    model lights in low-energy showers). S_churn = 0 is algorithm 1."""
     S_churn: float = 0.0
     S_min: float = 0.0
     S_max: float = math.inf
