@@ -189,12 +189,14 @@ def _links(ctx: DemoContext, folder: Path, summary: dict) -> dict[str, str]:
 
 def stage_generate(ctx: DemoContext) -> None:
     """Score the pretrained EDM on the held-out showers of each pretraining detector."""
+    from calofm.diffusion import sampler_label
     from calofm.evaluate.fidelity import GOALS, NOTE, table
     from calofm.hub import load_model
 
     folder = ctx.path("pretrain", "eval")
-    summary = _fidelity(ctx, load_model(ctx.path("pretrain", "model")), folder)
-    ctx.sections.append("## Fidelity of the pretrained EDM (32 Heun steps)\n\n" + NOTE + "\n\n" +
+    model = load_model(ctx.path("pretrain", "model"))
+    summary = _fidelity(ctx, model, folder)
+    ctx.sections.append(f"## Fidelity of the pretrained EDM ({sampler_label(model)})\n\n" + NOTE + "\n\n" +
                         table(summary, GOALS["edm"], links=_links(ctx, folder, summary)))
 
 
@@ -244,6 +246,7 @@ SHARED_DEPOSIT = ("A CD model keeps its EDM teacher's deposit net, frozen (one n
 
 def stage_foundation(ctx: DemoContext) -> None:
     """The foundation model that ships with calofm (`calofm.pretrained`): what it is and its own figures."""
+    from calofm.diffusion import sampler_label
     from calofm.evaluate.fidelity import GOALS, NOTE, table
     from calofm.hub import load_model
 
@@ -257,7 +260,7 @@ def stage_foundation(ctx: DemoContext) -> None:
         f"`{edm.preset}` preset ({n_params:,} parameters), EDM pretrained on {', '.join(sorted(edm.slot_map, key=edm.slot_map.get))} and "
         f"its 1-step CD student (`{SHIPPED + CD_SUFFIX}`); {edm.n_slots - len(edm.slot_map)} free slot(s) for "
         "a new detector. Its own figures, from its model card (measured when it was made, on held-out showers of "
-        "the same stand-in):\n\n" + NOTE + "\n\nEDM (32 Heun steps):\n\n" +
+        "the same stand-in):\n\n" + NOTE + f"\n\nEDM ({sampler_label(edm)}):\n\n" +
         table(figures[SHIPPED], GOALS["edm"]) + f"\nCD (1 step). {SHARED_DEPOSIT}\n\n" +
         table(figures[SHIPPED + CD_SUFFIX], GOALS["cd"], figures[SHIPPED]))
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from calofm.cli import app
 from calofm.data.formats import open_showers, read_showers
+from calofm.diffusion import sampler_label
 from calofm.generate import generate_showers
 from calofm.hub import load_model
 from calofm.train.distill import cd_sampler, student_from
@@ -72,6 +73,7 @@ def test_the_saved_sampler_config_is_what_runs(tiny_edm, tmp_path):
         return generate_showers(load_model(folder), "odd", e, t, p, steps=3, seed=1).showers
 
     assert config["sampler"]["churn"] == {"S_churn": 10.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
+    assert sampler_label(load_model(tiny_edm)) == "32 Heun steps, churn S_churn 10"  # what reports call it
     saved = showers(config["sampler"])
     assert np.abs(showers({**config["sampler"], "sigma_max": 20.0}) - saved).max() > 0.1  # MeV; float noise is 0
     deterministic = {k: v for k, v in config["sampler"].items() if k != "churn"}  # as saved before the key

@@ -48,6 +48,16 @@ def step_noise_draws(model: torch.nn.Module, steps: int | None = None) -> int:
     return 0
 
 
+def sampler_label(model: torch.nn.Module, steps: int | None = None) -> str:
+    """How the model samples, for reports: e.g. "32 Heun steps, churn S_churn 10", "1 step"."""
+    steps = sampler_steps(model, steps)
+    if model.objective == "cd":
+        return f"{steps} step" + "s" * (steps > 1)
+    label = f"{steps} {(model.sampler or {}).get('name', 'heun').capitalize()} steps"
+    churn = Churn.from_sampler(model.sampler)
+    return label + (f", churn S_churn {churn.S_churn:g}" if model.objective == "edm" and churn.S_churn > 0 else "")
+
+
 def network_evaluations(model: torch.nn.Module, steps: int | None = None) -> int:
     """Transformer evaluations per shower of the model's sampler (the deposit net's not counted)."""
     steps = sampler_steps(model, steps)
