@@ -21,6 +21,8 @@ def test_recipe_and_overrides_are_typed(tmp_path):
     ("nokey", "dotted.key=value"),
     ("edm.p_std=0", r"edm.p_std must be a finite number in \(0, inf\), got 0"),
     ("edm.sigma_data=-0.5", r"edm.sigma_data must be a finite number in \(0, inf\)"),
+    ("edm.s_churn=-1", r"edm.s_churn must be a finite number in [0, inf\), got -1"),
+    ("edm.s_max=0.01", r"edm.s_max must be a finite number in [0.05, inf\), got 0.01"),  # below s_min
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
