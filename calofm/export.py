@@ -120,6 +120,12 @@ class Par04Generator(nn.Module):
                 names.append("step_noise")
         return names
 
+    def noise_shapes(self, batch) -> dict[str, list]:
+        """Each noise input's shape (`noise_names`), for a batch size or the free axis's name."""
+        shapes = {"noise": [batch, *SHAPE], "deposit_noise": [batch, 1],
+                  "step_noise": [step_noise_draws(self.model, self.steps), batch, *SHAPE]}
+        return {name: shapes[name] for name in self.noise_names}
+
     def forward(self, inputs: torch.Tensor, noise: torch.Tensor | None = None,
                 deposit_noise: torch.Tensor | None = None, step_noise: torch.Tensor | None = None) -> torch.Tensor:
         if noise is None:  # randn_like follows the input's device, so one graph serves CPU and CUDA
@@ -144,8 +150,10 @@ def model_config(model: nn.Module) -> dict:
 
 
 def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: int,
-             slots: dict[str, str | None], noise_names: list[str], source: str | None, precision: str = "fp32") -> dict:
-    """What a Geant4 user needs to call the graph, as JSON; `noise_names`: its noise inputs (none: drawn inside)."""
+             slots: dict[str, str | None], noise_shapes: dict[str, list], source: str | None,
+             precision: str = "fp32") -> dict:
+    """What a Geant4 user needs to call the graph, as JSON; `noise_shapes`: its noise inputs
+    (`Par04Generator.noise_shapes`; none: drawn inside)."""
     batch_dim = batch if batch is not None else "batch"
     evaluations = network_evaluations(model, steps)
     deposit_evaluations = 2 * DEPOSIT_STEPS - 1 if model.deposit_net is not None else 0
@@ -155,15 +163,14 @@ def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: 
                    units=dict(energy="GeV", phi="rad", theta="rad"),
                    ranges=dict(energy_gev=[E_MIN_MEV / 1000, EMAX_GLOBAL_MEV / 1000], phi_rad=list(PHI_RANGE),
                                theta_rad=list(THETA_RANGE)))]
-    noise_inputs = {
-        "noise": ([batch_dim, *SHAPE], "unit Gaussian start of the sampler (for validation against PyTorch)"),
-        "deposit_noise": ([batch_dim, 1], "unit Gaussian start of the total deposit's sampler"),
-        "step_noise": ([draws, batch_dim, *SHAPE], "unit Gaussian noise the sampler adds on the way (multistep "
-                                                   "re-noising or EDM churn), one tensor a step that adds it")}
-    inputs += [dict(name=n, shape=noise_inputs[n][0], dtype="float32", description=noise_inputs[n][1])
-               for n in noise_names]
-    noise = ("drawn inside the graph" if not noise_names else "all from the noise inputs"
-             if not draws or "step_noise" in noise_names
+    described = {"noise": "unit Gaussian start of the sampler (for validation against PyTorch)",
+                 "deposit_noise": "unit Gaussian start of the total deposit's sampler",
+                 "step_noise": "unit Gaussian noise the sampler adds on the way (multistep re-noising or EDM "
+                               "churn), one tensor a step that adds it"}
+    inputs += [dict(name=n, shape=shape, dtype="float32", description=described[n])
+               for n, shape in noise_shapes.items()]
+    noise = ("drawn inside the graph" if not noise_shapes else "all from the noise inputs"
+             if not draws or "step_noise" in noise_shapes
              else "the sampler starts from the 'noise' input; its step noise is drawn inside the graph")
     return dict(
         contract="geant4-par04",
@@ -329,9 +336,7 @@ def _example(graph: Par04Generator, batch: int, noise_input: bool) -> tuple[torc
     conditions = torch.tensor([[50.0, 1.0, 1.5, 1.0, 0.0, 0.0, 0.0, 0.0]], device=device)
     example = (conditions.expand(batch, -1).contiguous(),)
     if noise_input:
-        shapes = {"noise": (batch, *SHAPE), "deposit_noise": (batch, 1),
-                  "step_noise": (step_noise_draws(graph.model, graph.steps), batch, *SHAPE)}
-        example += tuple(torch.randn(shapes[name], device=device) for name in graph.noise_names)
+        example += tuple(torch.randn(shape, device=device) for shape in graph.noise_shapes(batch).values())
     return example
 
 
@@ -341,7 +346,8 @@ def onnx_graph(model: nn.Module, *, steps: int | None = None, new_detector: str 
     slots: what `calofm generate --backend onnxruntime` opens, without a file."""
     check_options("onnx", steps=steps, precision=precision)
     graph, slots = _prepare(model, steps, new_detector, None)
-    meta = json.dumps(contract(graph.model, "onnx", "cpu", None, graph.steps, slots, graph.noise_names, None, precision))
+    meta = json.dumps(contract(graph.model, "onnx", "cpu", None, graph.steps, slots, graph.noise_shapes("batch"), None,
+                               precision))
     with torch.no_grad():
         proto = _onnx_proto(graph, _example(graph, 2, True), meta, True, precision)
     return proto.SerializeToString(), slots
@@ -372,9 +378,9 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, device
                       "those one-hots give empty showers", stacklevel=2)
 
     example = _example(graph, 2 if dynamic_batch else batch, noise_input)  # a traced size-1 axis could be specialised
+    batch_dim = "batch" if dynamic_batch else batch
     meta = json.dumps(contract(model, fmt, device, None if dynamic_batch else batch, steps, slots,
-                               graph.noise_names if noise_input else [],
-                               source, precision), indent=2)
+                               graph.noise_shapes(batch_dim) if noise_input else {}, source, precision), indent=2)
 
     out = Path(out)
     with atomic_path(out) as tmp, torch.no_grad():
