@@ -6,7 +6,15 @@ auc_high), and each feature's own separation, the ROC AUC of that feature alone 
 (0.5: none), the `--top` largest listed. Reference and generated files are matched by detector name; the generated
 showers are expected at the reference's conditions (`calofm generate --conditions`).
 
+Two views of what no single feature shows, for a classifier that separates while every 1-D AUC is near 0.5:
+- `--groups`: the classifier on each block of features alone (one block per observable over the five depth
+  segments, plus the shower-wide ones), with log10_e_inc beside it: which block carries the separation;
+- always: the coherence of the shower's transverse centre across depth, the correlation of c_x (and c_y) between
+  adjacent segments averaged over the 8 pairs, in the reference and the generated showers (bootstrap error): a
+  shower whose centre wanders as one has it well above 0, segments drawn independently near 0.
+
     python scripts/feature_separation.py --reference data/test_logu1k --generated gen/ [--detectors odd ...]
+    python scripts/feature_separation.py --reference data/test --generated gen/ --bins 2 --groups
 """
 
 from __future__ import annotations
@@ -25,13 +33,39 @@ def folded_auc(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(auc, 1.0 - auc))
 
 
-def separation(ref_feats: np.ndarray, gen_feats: np.ndarray, names: list[str], top: int) -> dict:
+GLOBAL_FEATURES = ("e_ratio", "c_z", "w_z")
+
+
+def feature_groups(names: list[str]) -> dict[str, list[int]]:
+    """Columns of each block: one per per-segment observable ("c_x" -> c_x[0..4]) and the shower-wide features,
+    each with log10_e_inc (column 0), so a group is judged at its incident energy."""
+    blocks = dict.fromkeys(n.split("[")[0] for n in names if "[" in n)
+    groups = {b: [0] + [i for i, n in enumerate(names) if n.startswith(b + "[")] for b in blocks}
+    return {**groups, "shower-wide": [0] + [names.index(n) for n in GLOBAL_FEATURES]}
+
+
+def coherence_with_error(feats: np.ndarray, boot: int = 200, seed: int = 0) -> tuple[float, float]:
+    """`calofm.evaluate.observables.centre_coherence` and its bootstrap error."""
+    from calofm.evaluate.observables import centre_coherence
+
+    rng = np.random.default_rng(seed)
+    spread = [centre_coherence(feats[rng.integers(0, len(feats), len(feats))]) for _ in range(boot)]
+    return centre_coherence(feats), float(np.std(spread))
+
+
+def separation(ref_feats: np.ndarray, gen_feats: np.ndarray, names: list[str], top: int, groups: bool) -> dict:
     from calofm.evaluate.metrics import classifier_auc
 
     per_feature = {n: folded_auc(ref_feats[:, i], gen_feats[:, i]) for i, n in enumerate(names)}
     ranked = sorted(per_feature.items(), key=lambda kv: -kv[1])
-    return {"n_reference": len(ref_feats), "n_generated": len(gen_feats),
-            "auc_high": classifier_auc(ref_feats, gen_feats), "top": ranked[:top], "per_feature": per_feature}
+    row = {"n_reference": len(ref_feats), "n_generated": len(gen_feats),
+           "auc_high": classifier_auc(ref_feats, gen_feats), "top": ranked[:top], "per_feature": per_feature,
+           "centre_coherence": {"reference": coherence_with_error(ref_feats),
+                                "generated": coherence_with_error(gen_feats)}}
+    if groups:
+        row["auc_group"] = {g: classifier_auc(ref_feats[:, cols], gen_feats[:, cols])
+                            for g, cols in feature_groups(names).items()}
+    return row
 
 
 def main() -> None:
@@ -41,6 +75,7 @@ def main() -> None:
     ap.add_argument("--detectors", nargs="*", default=None, help="default: every generated file's detector")
     ap.add_argument("--bins", type=int, default=5)
     ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--groups", action="store_true", help="also the classifier on each block of features alone")
     ap.add_argument("--out", default=None, help="write the full result (every feature's AUC) as JSON here")
     args = ap.parse_args()
 
@@ -52,7 +87,8 @@ def main() -> None:
     detectors = args.detectors or sorted(p.stem for p in Path(args.generated).glob("*.h5"))
     results = {}
     print("| detector | E_inc bin (GeV) | showers ref / gen | classifier AUC (high level) | most separating features "
-          "(folded 1-D AUC) |\n|---|---|---|---|---|")
+          "(folded 1-D AUC) | centre coherence ref / gen |" + (" blocks alone: largest AUC |" if args.groups else "")
+          + "\n|---|---|---|---|---|---|" + ("---|" if args.groups else ""))
     for det in detectors:
         with open_showers(Path(args.reference) / f"{det}.h5") as f:
             ref = f.read(0, len(f))
@@ -67,11 +103,17 @@ def main() -> None:
             if min(len(a), len(b)) < MIN_SHOWERS_PER_BIN:
                 continue
             row = {"e_low_gev": float(lo) / 1e3, "e_high_gev": float(min(hi, ref.energy.max())) / 1e3,
-                   **separation(a, b, names, args.top)}
+                   **separation(a, b, names, args.top, args.groups)}
             results[det].append(row)
             label = "all" if (lo, hi) == bins[-1] else f"{row['e_low_gev']:.3g}-{row['e_high_gev']:.3g}"
             tops = ", ".join(f"{n} {v:.2f}" for n, v in row["top"])
-            print(f"| {det} | {label} | {len(a)} / {len(b)} | {row['auc_high']:.3f} | {tops} |", flush=True)
+            (cr, er), (cg, eg) = row["centre_coherence"].values()
+            line = (f"| {det} | {label} | {len(a)} / {len(b)} | {row['auc_high']:.3f} | {tops} | "
+                    f"{cr:.2f} ± {er:.2f} / {cg:.2f} ± {eg:.2f} |")
+            if args.groups:
+                line += " " + ", ".join(f"{g} {v:.2f}" for g, v in sorted(row["auc_group"].items(),
+                                                                       key=lambda kv: -kv[1])[:args.top]) + " |"
+            print(line, flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 

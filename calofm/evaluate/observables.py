@@ -150,6 +150,22 @@ def high_level_features(showers: np.ndarray, energy: np.ndarray, segments: int =
     return np.concatenate(rows) if rows else np.zeros((0, 4 + 8 * segments))
 
 
+
+def centre_coherence(features: np.ndarray, segments: int = SEGMENTS) -> float:
+    """How much a shower's transverse centre holds across depth: the correlation of c_x (and c_y) between adjacent
+    segments of `high_level_features`, averaged over the 2 x (segments - 1) pairs.
+
+    A shower whose centre wanders as one scores well above 0; segments drawn on their own score ~0 while every
+    1-D distribution may still be right (benchmarks/fidelity.md: what the classifier finds with 2,000 showers).
+    """
+    names = high_level_names(segments)
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[1] != len(names) or len(features) < 3:
+        raise ValueError(f"centre_coherence needs (N >= 3, {len(names)}) high-level features; got {features.shape}")
+    pairs = [(names.index(f"{b}[{i}]"), names.index(f"{b}[{i + 1}]"))
+             for b in ("c_x", "c_y") for i in range(segments - 1)]
+    return float(np.mean([np.corrcoef(features[:, a], features[:, b])[0, 1] for a, b in pairs]))
+
 # ------------------------------------------------------------------------- the CaloChallenge's FPD/KPD input
 
 # The CaloChallenge evaluation (github.com/CaloChallenge/homepage, code/evaluate.py, code/HighLevelFeatures.py and
