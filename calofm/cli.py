@@ -299,7 +299,7 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
              metrics: list[str] | None = typer.Option(
                  None, "--metrics", help="Comma-separated or repeated, from: response (mean and spread of E_dep / E_inc "
                  "per energy bin), observables, fpd, kpd (calofm's FPD/KPD), fpd_cc, kpd_cc (the CaloChallenge's), "
-                 "auc_low, auc_high, prdc, fixed_points (default: all)."),
+                 "auc_low, auc_high, coherence (of the shower's centre across depth), prdc, fixed_points (default: all)."),
              detector: str | None = typer.Option(None, "--detector", help="Detector name for the report "
                                                     "(default: the files' `detector` attribute)."),
              point: list[str] | None = typer.Option(

@@ -44,24 +44,16 @@ def feature_groups(names: list[str]) -> dict[str, list[int]]:
     return {**groups, "shower-wide": [0] + [names.index(n) for n in GLOBAL_FEATURES]}
 
 
-def coherence_with_error(feats: np.ndarray, boot: int = 200, seed: int = 0) -> tuple[float, float]:
-    """`calofm.evaluate.observables.centre_coherence` and its bootstrap error."""
-    from calofm.evaluate.observables import centre_coherence
-
-    rng = np.random.default_rng(seed)
-    spread = [centre_coherence(feats[rng.integers(0, len(feats), len(feats))]) for _ in range(boot)]
-    return centre_coherence(feats), float(np.std(spread))
-
-
 def separation(ref_feats: np.ndarray, gen_feats: np.ndarray, names: list[str], top: int, groups: bool) -> dict:
-    from calofm.evaluate.metrics import classifier_auc
+    from calofm.evaluate.metrics import bootstrap, classifier_auc
+    from calofm.evaluate.observables import centre_coherence
 
     per_feature = {n: folded_auc(ref_feats[:, i], gen_feats[:, i]) for i, n in enumerate(names)}
     ranked = sorted(per_feature.items(), key=lambda kv: -kv[1])
     row = {"n_reference": len(ref_feats), "n_generated": len(gen_feats),
            "auc_high": classifier_auc(ref_feats, gen_feats), "top": ranked[:top], "per_feature": per_feature,
-           "centre_coherence": {"reference": coherence_with_error(ref_feats),
-                                "generated": coherence_with_error(gen_feats)}}
+           "centre_coherence": {"reference": bootstrap(centre_coherence, ref_feats),
+                                "generated": bootstrap(centre_coherence, gen_feats)}}
     if groups:
         row["auc_group"] = {g: classifier_auc(ref_feats[:, cols], gen_feats[:, cols])
                             for g, cols in feature_groups(names).items()}

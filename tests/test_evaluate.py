@@ -18,6 +18,7 @@ from calofm.evaluate import observables as O
 from calofm.evaluate.metrics import (
     _poly_mmd2_unbiased,
     _weighted_moments,
+    bootstrap,
     classifier_auc,
     fpd,
     fpd_calochallenge,
@@ -185,6 +186,12 @@ JETNET = {
                 "kpd": (0.0010904231092894179, 0.00024210429401414564)},
 }
 
+
+def test_bootstrap_error_of_a_mean_is_its_standard_error():
+    x = np.random.default_rng(3).normal(size=(400, 1))
+    value, error = bootstrap(lambda a: a.mean(), x)
+    assert value == pytest.approx(x.mean())
+    assert error == pytest.approx(x.std() / 20, rel=0.15)  # sigma / sqrt(400); 200 resamples: ~5 % scatter
 
 @pytest.mark.parametrize("case", JETNET)
 def test_fpd_kpd_agree_with_jetnet(case):
@@ -399,7 +406,12 @@ def test_evaluate_writes_a_report_folder(tmp_path):
     assert saved["settings"]["calochallenge_features"] == 362 and saved["settings"]["calochallenge_seed"] == 42
     assert set(saved["prdc"]) == {"precision", "recall", "density", "coverage"}
     assert saved["separation_power"]["e_ratio"] < 0.2 and len(saved["separation_power_per_layer"]) == N_Z
+    for role, s in (("reference", ref), ("generated", gen)):  # its physics: tests/test_synthetic.py
+        c = saved["coherence"][role]
+        assert c["value"] == pytest.approx(O.centre_coherence(O.high_level_features(s.showers, s.energy)))
+        assert 0.01 < c["error"] < 0.15  # ~1 / sqrt(300) for a correlation near 0
     report = (out / "report.md").read_text()
+    assert "| centre coherence across depth, generated | " in report
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert sorted(links) == sorted(saved["plots"]) and len(links) >= 15
     for link in links:
@@ -438,3 +450,20 @@ def test_cli_evaluate(tmp_path):
     res = runner.invoke(app, args[:-4] + ["--metrics", "fpd,bogus"])
     assert res.exit_code != 0 and "'bogus'" in res.output
 
+
+
+def test_fidelity_rows_show_the_centre_coherence_beside_the_auc():
+    """Generated and data side by side; rows scored before it was measured (a card's metrics.json) show "–"."""
+    from calofm.evaluate.fidelity import GOALS, card_metrics, table
+
+    row = {"n": 2000, "mean_ratio": 1.01, "mean_ratio_error": 0.01, "spread_ratio": 0.95, "spread_ratio_error": 0.05,
+           "fpd": {"value": 0.0244, "error": 0.0053}, "fpd_cc": {"value": 0.574, "error": 0.003}, "auc_high": 0.87,
+           "coherence": {"reference": {"value": 0.22, "error": 0.01}, "generated": {"value": 0.02, "error": 0.02}}}
+    old = {k: v for k, v in row.items() if k != "coherence"}
+    lines = table({"par04_siw": row, "odd": old}, goals=GOALS["edm"]).splitlines()
+    assert len({line.count("|") for line in lines}) == 1  # every row has the header's columns
+    assert lines[2].endswith("| 0.870 | 0.02 ± 0.02 / 0.22 ± 0.01 |") and lines[3].endswith("| 0.870 | – |")
+    card = card_metrics({"par04_siw": row, "odd": old})
+    assert card["par04_siw"]["centre coherence across depth, data"] == [0.22, 0.01]
+    assert card["par04_siw"]["centre coherence across depth, generated"] == [0.02, 0.02]
+    assert not any(k.startswith("centre coherence") for k in card["odd"])

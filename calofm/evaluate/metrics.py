@@ -30,6 +30,8 @@ statistic), so studies compare generated samples against one fixed reference fil
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy.optimize import curve_fit
 from sklearn.isotonic import IsotonicRegression
@@ -322,6 +324,13 @@ def kpd_calochallenge(real_feats, gen_feats, seed: int = CC_SEED, *, num_batches
     vals = xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2.0 * xy / (m * m)
     lo, hi = np.percentile(vals, [16.275, 83.725])
     return float(np.median(vals)), float((hi - lo) / 2)
+
+
+def bootstrap(statistic: Callable[[np.ndarray], float], x, seed: int = 0, *, boot: int = 200) -> tuple[float, float]:
+    """`statistic(x)` over the rows of x, and its error: the std of it over `boot` resamples with replacement."""
+    x = np.asarray(x)
+    rng = np.random.default_rng(seed)
+    return float(statistic(x)), float(np.std([statistic(x[rng.integers(0, len(x), len(x))]) for _ in range(boot)]))
 
 
 # --------------------------------------------------------------------------------------------- classifier

@@ -26,8 +26,8 @@ from calofm.geometry import DETECTORS, DPHI, DR_MM, DZ_MM, N_PHI, N_R, N_Z
 from calofm.io import atomic_write_text
 from calofm.templates import render
 
-METRICS = ("response", "observables", "fpd", "kpd", "fpd_cc", "kpd_cc", "auc_low", "auc_high", "prdc",
-           "fixed_points")
+METRICS = ("response", "observables", "fpd", "kpd", "fpd_cc", "kpd_cc", "auc_low", "auc_high", "coherence",
+           "prdc", "fixed_points")
 # CaloDiT-2 on CaloChallenge dataset 2 (its paper, Table 1): (EDM, CD). Its FPD and KPD are the
 # CaloChallenge evaluation's, so they sit beside fpd_cc / kpd_cc, not beside calofm's own fpd / kpd.
 PAPER_DS2 = {"auc_low": (0.594, 0.598), "auc_high": (0.560, 0.695), "fpd_cc": (20.1e-3, 68.8e-3),
@@ -257,7 +257,7 @@ def evaluate(reference, generated, out_dir, metrics=None, detector: str | None =
     ref_obs = O.shower_observables(ref.showers.showers, ref.showers.energy) if need_obs else None
     gen_obs = O.shower_observables(gen.showers.showers, gen.showers.energy) if need_obs else None
     hl = None
-    if {"fpd", "kpd", "auc_high", "prdc"} & set(selected):
+    if {"fpd", "kpd", "auc_high", "coherence", "prdc"} & set(selected):
         hl = [O.high_level_features(s.showers.showers, s.showers.energy) for s in (ref, gen)]
     cc = None
     if {"fpd_cc", "kpd_cc"} & set(selected):
@@ -284,6 +284,9 @@ def evaluate(reference, generated, out_dir, metrics=None, detector: str | None =
             b = _subsample(gen.showers, MAX_CLASSIFIER_SHOWERS, seed + 1)
             result[name] = M.classifier_auc(O.low_level_features(a.showers, a.energy),
                                             O.low_level_features(b.showers, b.energy), seed=seed)
+        elif name == "coherence":
+            result[name] = {role: dict(zip(("value", "error"), M.bootstrap(O.centre_coherence, f, seed)))
+                            for role, f in zip(("reference", "generated"), hl)}
         elif name == "prdc":
             result[name] = M.prdc(hl[0], hl[1])
         elif name == "fixed_points":
