@@ -150,7 +150,6 @@ def high_level_features(showers: np.ndarray, energy: np.ndarray, segments: int =
     return np.concatenate(rows) if rows else np.zeros((0, 4 + 8 * segments))
 
 
-
 def centre_coherence(features: np.ndarray, segments: int = SEGMENTS) -> float:
     """How much a shower's transverse centre holds across depth: the correlation of c_x (and c_y) between adjacent
     segments of `high_level_features`, averaged over the 2 x (segments - 1) pairs.
@@ -165,6 +164,7 @@ def centre_coherence(features: np.ndarray, segments: int = SEGMENTS) -> float:
     pairs = [(names.index(f"{b}[{i}]"), names.index(f"{b}[{i + 1}]"))
              for b in ("c_x", "c_y") for i in range(segments - 1)]
     return float(np.mean([np.corrcoef(features[:, a], features[:, b])[0, 1] for a, b in pairs]))
+
 
 # ------------------------------------------------------------------------- the CaloChallenge's FPD/KPD input
 
