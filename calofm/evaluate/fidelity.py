@@ -4,8 +4,7 @@ What a calorimeter physicist checks first, in one row per detector: the worst in
 and relative spread against the data's (`calofm.evaluate.response`), FPD in calofm's and the CaloChallenge's
 definitions, and the classifier AUC on high-level features; beside it the coherence of the shower's centre across
 depth, generated and data, whose lack accounts for most of the shipped model's AUC (benchmarks/fidelity.md). The
-demo's report and the shipped models' cards
-(`calofm/pretrained`) are built from these rows.
+demo's report and the shipped models' cards (`calofm/pretrained`) are built from these rows.
 """
 
 from __future__ import annotations
