@@ -197,6 +197,9 @@ class AdaptConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "adaLN"])
     cd_steps: int | None = None        # stage 2 steps (default: train.steps; 0: EDM stage only)
+    cd_transfer: bool = True           # stage 2's student: the pretrained CD plus stage 1's change to the EDM's
+    #                                    weights (full / conditioning modes; LoRA keeps the pretrained CD, which its
+    #                                    adapter loads onto): benchmarks/adaptation.md
     particle: str = ""                 # add this particle in a free particle slot (detector: new or already known)
 
 

@@ -206,3 +206,19 @@ def test_detector_response_units_measure_the_new_detector(pretrained, data_dir, 
         adapted = Normalizer.from_dict(load_model(out / kind).normalizer)
         assert adapted.response == pytest.approx({**r, "fccee_allegro": allegro})
         assert (adapted.unit, adapted.mean, adapted.std) == ("detector_response", normalizer.mean, normalizer.std)
+
+
+@pytest.mark.parametrize("transfer", [True, False])
+def test_cd_student_starts_where_the_edm_stage_moved_the_weights(pretrained, data_dir, tmp_path, transfer):
+    out = run_adapt(pretrained, data_dir, tmp_path / "out", "fccee_allegro", "full", "adapt.cd_steps=0")
+    # the CD stage alone, at a learning rate of 1e-30: the adapted CD is the student it started from
+    run_adapt(pretrained, data_dir, out, "fccee_allegro", "full", "train.lr=1e-30",
+              f"adapt.cd_transfer={str(transfer).lower()}", resume=True)
+    edm0, edm1 = load_model(pretrained / "edm").state_dict(), load_model(out / "edm").state_dict()
+    cd0, cd1 = load_model(pretrained / "cd"), load_model(out / "cd")
+    moved = [k for k in edm0 if not torch.equal(edm0[k], edm1[k])]
+    assert len(moved) == len(edm0)  # full mode: stage 1 moved every weight
+    for name, w in cd0.state_dict().items():
+        expected = w + (edm1[name] - edm0[name]) if transfer else w
+        torch.testing.assert_close(cd1.state_dict()[name], expected, rtol=0, atol=1e-6)
+    assert ("plus the EDM stage's change" in cd1.provenance["student_init"]) == transfer

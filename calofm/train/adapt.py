@@ -2,7 +2,8 @@
 
 The new detector gets a free one-hot slot; nothing else of the pretrained model's contract changes (the shared
 normaliser, the other detectors' slots). Stage 1 fine-tunes the pretrained (EMA) EDM on the new showers; stage 2
-distils the adapted EDM into a consistency model whose student starts from the pretrained CD model. Both stages
+distils the adapted EDM into a consistency model whose student starts from the pretrained CD model, moved by
+what stage 1 changed in the EDM's weights (`adapt.cd_transfer`; full and conditioning modes). Both stages
 run through the shared Accelerate loop and train only the parameters the mode selects:
 
 - full: every weight.
@@ -151,6 +152,16 @@ def default_run(cfg: RunConfig, explicit: set[str]) -> RunConfig:
     return cfg
 
 
+def add_change(student: nn.Module, before: nn.Module, after: nn.Module) -> None:
+    """student += after - before, weight by weight (task arithmetic, Ilharco et al. 2023): the CD student starts
+    where the EDM's fine-tuning moved its own weights, new slot included, instead of where pretraining left it
+    (benchmarks/adaptation.md: the demo's adapted CD FPD 407 -> 163 x1e-3 and its centre drift restored)."""
+    b, a = before.state_dict(), after.state_dict()
+    with torch.no_grad():
+        for name, w in student.state_dict().items():  # views of the parameters: updated in place
+            w.add_(a[name].to(w.device) - b[name].to(w.device))
+
+
 def adapt(cfg: RunConfig, resume: bool = False) -> Path:
     """Adapt `cfg.adapt.pretrained` to `cfg.adapt.detector`: EDM fine-tuning, then CD; returns the output folder."""
     a = cfg.adapt
@@ -229,8 +240,13 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
                          "distance": cfg.distill.distance, "weighting": cfg.distill.weighting,
                          "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
         if base_cd is not None:
+            transfer = a.cd_transfer and a.mode != "lora"  # a LoRA adapter must load onto the pretrained CD itself
+            if transfer:
+                cd_provenance["student_init"] = f"{cd_ref} plus the EDM stage's change to {edm_ref}"
             student = base_cd.with_config(slot_map=slot_map, particle_map=particle_map, normalizer=normalizer.to_dict(),
                                           provenance=cd_provenance)
+            if transfer:
+                add_change(student, base, edm)
             if student.deposit_net is not None:  # the deposit is drawn by the adapted EDM's net (see distill.py)
                 student.deposit_net.load_state_dict(edm.deposit_net.state_dict())
         else:
