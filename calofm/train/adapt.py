@@ -155,7 +155,8 @@ def default_run(cfg: RunConfig, explicit: set[str]) -> RunConfig:
 def add_change(student: nn.Module, before: nn.Module, after: nn.Module) -> None:
     """student += after - before, weight by weight (task arithmetic, Ilharco et al. 2023): the CD student starts
     where the EDM's fine-tuning moved its own weights, new slot included, instead of where pretraining left it
-    (benchmarks/adaptation.md: the demo's adapted CD FPD 407 -> 163 x1e-3 and its centre drift restored)."""
+    (benchmarks/adaptation.md: the demo's adapted CD has its centre drift back and calofm's FPD 407 -> 163 x1e-3;
+    the CaloChallenge FPD, weighing per-layer widths, rises 4.4e3 -> 6.5e3)."""
     b, a = before.state_dict(), after.state_dict()
     with torch.no_grad():
         for name, w in student.state_dict().items():  # views of the parameters: updated in place
