@@ -28,12 +28,6 @@ def segment_dipoles(y: np.ndarray, segments: int) -> np.ndarray:
     return c.reshape(len(y), 2, segments, N_Z // segments).sum(-1)
 
 
-def coherence(c: np.ndarray) -> float:
-    """Mean correlation of adjacent segments' dipoles, over cos and sin (as `centre_coherence`)."""
-    return float(np.mean([np.corrcoef(c[:, a, i], c[:, a, i + 1])[0, 1]
-                          for a in range(2) for i in range(c.shape[2] - 1)]))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", help="shower files (any format calofm reads)")
@@ -46,18 +40,19 @@ def main() -> None:
     from calofm.data.formats import open_showers
     from calofm.data.transforms import deposit
     from calofm.evaluate.metrics import bootstrap
+    from calofm.evaluate.observables import adjacent_correlation
     from calofm.geometry import THRESHOLD_MEV
 
     print("| file | showers | fractions of E_dep | " + " | ".join(f"log, eps {e:g}" for e in args.eps) + " |")
     print("|---|---|---|" + "---|" * len(args.eps))
     for path in args.files:
         with open_showers(path) as f:
-            s = f.read(0, len(f))
+            s = f.read()
         high = s.energy > np.median(s.energy)
         x = np.where(s.showers[high] < THRESHOLD_MEV, 0.0, s.showers[high]).astype(np.float64)
         frac = x / deposit(x)[:, None, None, None]
         spaces = [frac] + [np.log(frac + eps) for eps in args.eps]
-        cells = [bootstrap(coherence, segment_dipoles(y, args.segments), boot=args.boot) for y in spaces]
+        cells = [bootstrap(adjacent_correlation, segment_dipoles(y, args.segments), boot=args.boot) for y in spaces]
         print(f"| {path} | {int(high.sum()):,} | " + " | ".join(f"{v:.2f} ± {e:.2f}" for v, e in cells) + " |")
 
 

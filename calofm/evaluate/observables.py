@@ -150,6 +150,13 @@ def high_level_features(showers: np.ndarray, energy: np.ndarray, segments: int =
     return np.concatenate(rows) if rows else np.zeros((0, 4 + 8 * segments))
 
 
+def adjacent_correlation(blocks: np.ndarray) -> float:
+    """(N, k, segments): the correlation between adjacent segments of each of the k quantities, averaged over the
+    k x (segments - 1) pairs."""
+    return float(np.mean([np.corrcoef(blocks[:, a, i], blocks[:, a, i + 1])[0, 1]
+                          for a in range(blocks.shape[1]) for i in range(blocks.shape[2] - 1)]))
+
+
 def centre_coherence(features: np.ndarray, segments: int = SEGMENTS) -> float:
     """How much a shower's transverse centre holds across depth: the correlation of c_x (and c_y) between adjacent
     segments of `high_level_features`, averaged over the 2 x (segments - 1) pairs.
@@ -161,9 +168,8 @@ def centre_coherence(features: np.ndarray, segments: int = SEGMENTS) -> float:
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[1] != len(names) or len(features) < 3:
         raise ValueError(f"centre_coherence needs (N >= 3, {len(names)}) high-level features; got {features.shape}")
-    pairs = [(names.index(f"{b}[{i}]"), names.index(f"{b}[{i + 1}]"))
-             for b in ("c_x", "c_y") for i in range(segments - 1)]
-    return float(np.mean([np.corrcoef(features[:, a], features[:, b])[0, 1] for a, b in pairs]))
+    columns = [[names.index(f"{b}[{i}]") for i in range(segments)] for b in ("c_x", "c_y")]
+    return adjacent_correlation(features[:, columns])
 
 
 # ------------------------------------------------------------------------- the CaloChallenge's FPD/KPD input
