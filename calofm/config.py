@@ -33,6 +33,8 @@ class ModelConfig:
     objective: str = "edm"             # edm (CaloDiT-2's) | fm: flow matching (the `fm` section)
     particles: list[str] = field(default_factory=list)  # [] photons only, as CaloDiT-2; else a particle one-hot
     n_free_particle_slots: int = 0     # ... with this many free slots for `calofm adapt --particle`
+    init_from: str = ""                # a pretrained model (folder, shipped name or Hub id) to start from: its
+                                       # weights and normaliser; the recipe's schedule runs again (warm restart)
 
     def __post_init__(self):
         for name in self.particles:

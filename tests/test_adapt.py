@@ -15,10 +15,10 @@ from calofm.data.transforms import N_COND, Normalizer, encode_conditions
 from calofm.diffusion.edm import EDMParams
 from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
-from calofm.train.adapt import adapt, allocate_slot, resolve_pretrained, select_trainable, training_params
+from calofm.train.adapt import adapt, allocate_slot, resolve_pretrained, select_trainable
 from calofm.train.distill import cd_sampler
 from calofm.train.loop import save_model
-from calofm.train.pretrain import edm_sampler
+from calofm.train.pretrain import edm_sampler, training_params
 
 PRETRAINED = {"par04_siw": 0, "par04_scipb": 1, "odd": 2}  # 3 detectors + n_free_slots = 2
 FAST = ["train.steps=3", "train.batch_size=8", "train.checkpoint_every=100", "train.log_every=1",

@@ -69,6 +69,39 @@ def test_edm_section_of_the_recipe_is_what_trains_and_samples(data_dir, tmp_path
     assert losses[0.5] != pytest.approx(losses[1.0], rel=1e-3)
 
 
+def test_warm_restart_starts_from_the_model_and_keeps_its_normaliser(tiny_edm, data_dir, tmp_path):
+    """`model.init_from`: the run starts at the given model's weights (a lower first loss than from scratch on the
+    same batch; at lr ~0 the saved model is those weights) and trains on its normaliser, not a refit of the data."""
+    from safetensors.torch import load_file as load
+
+    from calofm.config import load_config
+    from calofm.train.pretrain import pretrain
+
+    base = [f"data.dir={data_dir}", "train.steps=2", "train.batch_size=8", "model.patch=[3,4,5]", "train.log_every=1",
+            "data.max_per_detector=50", "deposit.epochs=0"]
+
+    def run(name, *extra):
+        out = pretrain(load_config(None, [*base, f"output_dir={tmp_path / name}", *extra]))
+        first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        return out, first
+
+    _, scratch = run("scratch")
+    warm, warm_loss = run("warm", f"model.init_from={tiny_edm}")
+    assert warm_loss < 0.8 * scratch, (warm_loss, scratch)
+    frozen, _ = run("frozen", f"model.init_from={tiny_edm}", "train.lr=1e-30")
+    start, saved = load(tiny_edm / "model.safetensors"), load(frozen / "model.safetensors")
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
+    model, given = CaloDiT.from_pretrained(warm), CaloDiT.from_pretrained(tiny_edm)
+    assert model.normalizer == given.normalizer  # 50 showers a detector would refit other mean and std
+    assert model.provenance["init_from"] == str(tiny_edm) and model.provenance["init_steps"] == 40
+    with pytest.raises(ValueError, match=r"model.init_from=.*data.detectors"):
+        run("fewer", f"model.init_from={tiny_edm}", "data.detectors=[par04_siw,odd]")
+    with pytest.raises(ValueError, match=r"model.init_from=.*data.log_eps=1e-07.*1e-05"):
+        run("eps", f"model.init_from={tiny_edm}", "data.log_eps=1e-5")
+    with pytest.raises(ValueError, match=r"model.init_from=.*do not fit the recipe's model"):
+        run("patch", f"model.init_from={tiny_edm}", "model.patch=[3,2,3]")
+
+
 def test_killed_run_resumes_to_identical_weights(data_dir, tmp_path):
     reference = cli(*pretrain_args(data_dir, tmp_path / "a"))
     killed = cli(*pretrain_args(data_dir, tmp_path / "b"))

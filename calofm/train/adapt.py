@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calofm.config import EDMConfig, RunConfig
+from calofm.config import RunConfig
 from calofm.data.formats import open_showers
 from calofm.data.loader import detector_response, find_detector_files
 from calofm.data.transforms import Normalizer
 from calofm.diffusion import sampler_params
-from calofm.diffusion.edm import EDMParams
 from calofm.diffusion.flow import FMParams
 from calofm.geometry import get_detector
 from calofm.hub import load_model
@@ -44,7 +43,7 @@ from calofm.pretrained import shipped_root
 from calofm.train.deposit import refit_deposit
 from calofm.train.distill import CDObjective, cd_sampler, student_from
 from calofm.train.loop import make_accelerator, save_model, train
-from calofm.train.pretrain import PretrainObjective
+from calofm.train.pretrain import PretrainObjective, training_params
 
 MODES = ("full", "lora", "conditioning")
 # Learning rate when no recipe sets one, every mode. Measured on the shipped tiny model (benchmarks/adaptation.md):
@@ -52,15 +51,6 @@ MODES = ("full", "lora", "conditioning")
 # (recipes/adapt-paper.yaml) keeps the paper's 1e-4.
 DEFAULT_LR = 1e-3
 SLOT_LAYER = "cond_embed.0"  # the Linear that reads [E, theta, phi, one-hot]: trains in every mode
-
-
-def training_params(base: EDMParams, edm: EDMConfig, ref: str) -> EDMParams:
-    """The pretrained model's sigma_data and noise levels (its preconditioning and sampler, fixed by its weights)
-    with the recipe's training distribution of noise levels (`edm.p_mean`, `edm.p_std`), as in pretraining."""
-    if edm.sigma_data != base.sigma_data:
-        raise ValueError(f"edm.sigma_data={edm.sigma_data}, but {ref} was trained with sigma_data={base.sigma_data}, "
-                         "which its preconditioning fixes: drop edm.sigma_data from the recipe")
-    return dataclasses.replace(base, P_mean=edm.p_mean, P_std=edm.p_std)
 
 
 def resolve_pretrained(pretrained: str, pretrained_cd: str = "") -> tuple[str, str | None]:

@@ -12,17 +12,20 @@ from torch import nn
 from calofm.config import EDMConfig, FMConfig, ModelConfig, RunConfig
 from calofm.data.loader import find_detector_files, fit_normalizer
 from calofm.data.sources import canonical_source
+from calofm.data.transforms import Normalizer
 from calofm.diffusion import (
     DEFAULT_STEPS,
     DEPOSIT_PARAMS,
     denoiser,
     deposit_denoiser,
+    sampler_params,
     shape_conditions,
     velocity,
 )
 from calofm.diffusion.edm import Churn, EDMParams, edm_loss
 from calofm.diffusion.flow import FMParams, fm_loss
 from calofm.geometry import default_slot_map
+from calofm.hub import load_model
 from calofm.models.dit import CaloDiT
 from calofm.train.deposit import refit_deposit
 from calofm.train.loop import finished_model, latest_checkpoint, make_accelerator, save_model, train
@@ -81,6 +84,52 @@ def build_model(cfg: ModelConfig, **config) -> CaloDiT:
     return CaloDiT.from_preset(cfg.preset, **overrides, **config)
 
 
+def training_params(base: EDMParams, edm: EDMConfig, ref: str) -> EDMParams:
+    """The pretrained model's sigma_data and noise levels (its preconditioning and sampler, fixed by its weights)
+    with the recipe's training distribution of noise levels (`edm.p_mean`, `edm.p_std`), as in pretraining."""
+    if edm.sigma_data != base.sigma_data:
+        raise ValueError(f"edm.sigma_data={edm.sigma_data}, but {ref} was trained with sigma_data={base.sigma_data}, "
+                         "which its preconditioning fixes: drop edm.sigma_data from the recipe")
+    return dataclasses.replace(base, P_mean=edm.p_mean, P_std=edm.p_std)
+
+
+def starting_model(cfg: RunConfig, slot_map: dict[str, int]) -> CaloDiT:
+    """`model.init_from`, checked against the run: the same detectors in the same slots and the same objective, so
+    its weights mean what the run's data means; its normaliser is then the run's (a refit would move the scale under
+    the weights)."""
+    ref = cfg.model.init_from
+    start = load_model(ref)
+    if start.slot_map != slot_map:
+        raise ValueError(f"model.init_from={ref!r} has the detector slots {start.slot_map}, but data.detectors "
+                         f"{cfg.data.detectors} gives {slot_map}; list its detectors in its slot order (a new "
+                         "detector is `calofm adapt`'s job)")
+    if start.objective != cfg.model.objective or start.normalizer is None:
+        raise ValueError(f"model.init_from={ref!r} is a {start.objective!r} model"
+                         f"{'' if start.normalizer else ' without a normaliser'}; this run trains "
+                         f"{cfg.model.objective!r} (model.objective)")
+    norm = Normalizer.from_dict(start.normalizer)
+    if (norm.unit, norm.eps) != (cfg.data.unit, cfg.data.log_eps):
+        raise ValueError(f"model.init_from={ref!r} was trained with data.unit={norm.unit}, data.log_eps={norm.eps:g}; "
+                         f"the recipe sets {cfg.data.unit}, {cfg.data.log_eps:g}: set them as the model's")
+    return start
+
+
+def warm_restart(cfg: RunConfig, start: CaloDiT | None) -> dict:
+    """Provenance of a run started from `model.init_from`: the model and the steps it had seen."""
+    if start is None:
+        return {}
+    return {"init_from": cfg.model.init_from, "init_steps": start.provenance.get("steps")}
+
+
+def load_start(model: CaloDiT, start: CaloDiT, ref: str) -> None:
+    """`start`'s weights into the run's `model` (built from the recipe), or an error naming what differs."""
+    try:
+        model.load_state_dict(start.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"model.init_from={ref!r}: its weights do not fit the recipe's model (model.preset, "
+                         f"depth, width, heads, mlp_dim, patch, slots): {str(e).splitlines()[1].strip()}") from e
+
+
 def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     """Train, fit the deposit net on its own (`cfg.deposit`), then save the EMA model to `<output_dir>/model`;
     returns that folder."""
@@ -88,16 +137,22 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     if resume and (done := finished_model(cfg, say=accelerator.print)) is not None:
         return done
     files = find_detector_files(cfg.data.dir, cfg.data.detectors)
-    normalizer = fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit)
     slot_map = default_slot_map(cfg.data.detectors)
+    start = starting_model(cfg, slot_map) if cfg.model.init_from else None
+    normalizer = (Normalizer.from_dict(start.normalizer) if start is not None else
+                  fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit))
     params = EDMParams(sigma_data=cfg.edm.sigma_data, P_mean=cfg.edm.p_mean, P_std=cfg.edm.p_std)
     fm = FMParams(cfg.fm.t_mean, cfg.fm.t_std) if cfg.model.objective == "fm" else None
+    if start is not None and fm is None:  # its preconditioning and noise range, fixed by its weights
+        params = training_params(sampler_params(start), cfg.edm, cfg.model.init_from)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, n_slots=len(slot_map) + cfg.model.n_free_slots, slot_map=slot_map,
                         normalizer=normalizer.to_dict(), objective=cfg.model.objective,
                         sampler=fm_sampler(cfg.fm) if fm else edm_sampler(params, sampler_churn(cfg.edm)),
                         provenance={"stage": "pretrain", "detectors": list(slot_map), "steps": cfg.train.steps,
-                                    "data": canonical_source(cfg.data.dir)})
+                                    "data": canonical_source(cfg.data.dir), **warm_restart(cfg, start)})
+    if start is not None:
+        load_start(model, start, cfg.model.init_from)
     if resume and latest_checkpoint(cfg.output_dir) is None:
         accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
     ema = train(cfg, model, PretrainObjective(params, fm), files, normalizer, accelerator=accelerator, resume=resume,
