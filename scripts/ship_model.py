@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--from-rows", nargs="*", help="ship with the rows of these --rows-out files; no evaluation")
     ap.add_argument("--card-only", action="store_true",
                     help="rewrite the shipped model's card (e.g. new --notes) from its metrics.json; no evaluation")
+    ap.add_argument("--init-from", help="what its `model.init_from` names, as a user finds it (when it replaces "
+                    "the shipped model it started from: that one's calofm revision)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
@@ -78,6 +80,9 @@ def main() -> None:
     if args.kind == "cd":
         provenance.update(teacher=args.name, teacher_provenance={**provenance["teacher_provenance"],
                                                                  "data": provenance["data"]})
+    if args.init_from:
+        trained = provenance["teacher_provenance"] if args.kind == "cd" else provenance
+        trained["init_from"] = args.init_from
     shipped = model.with_config(provenance=provenance)
     if not args.card_only:
         shipped.save_pretrained(out)
