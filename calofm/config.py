@@ -56,12 +56,16 @@ class DataConfig:
                                        # empty cell and one at the threshold stay apart (benchmarks/fidelity.md)
     unit: str = "deposit"              # x -> log(x / unit + log_eps): deposit | detector_response | incident_energy
                                        # | mev (README, "Data contract")
+    centre: bool = False               # unit deposit: draw the shower's transverse centre with E_dep and make the
+                                       # shape around it (calofm/models/dit.py; benchmarks/fidelity.md)
     num_workers: int = 0
 
     def __post_init__(self):
         _at_least(self, "data", 1, "chunk_size", "max_per_detector")
         _at_least(self, "data", 0, "num_workers")
         _between(self, "data", "log_eps", 0.0, math.inf, low_open=True)
+        if self.centre and self.unit != "deposit":
+            raise ValueError(f"data.centre needs data.unit=deposit (the centre is drawn with E_dep), got {self.unit}")
 
 
 @dataclass

@@ -76,7 +76,7 @@ def slot_matrix(slot_map: dict[str, int], n_slots: int, slots: dict[str, str | N
 
 
 class Par04Generator(nn.Module):
-    """The exported graph: contract conditions (B, 8) [+ noise (B, 9, 16, 45) [+ deposit noise (B, 1) [+ step noise
+    """The exported graph: contract conditions (B, 8) [+ noise (B, 9, 16, 45) [+ deposit noise (B, 1 or 3) [+ step noise
     (k, B, 9, 16, 45)]]] -> (B, 6480) energies in GeV. Step noise is what a stochastic sampler adds on the way
     (`calofm.diffusion.step_noise_draws`: k re-noisings of a multistep CD sampler or churned EDM steps)."""
 
@@ -122,7 +122,8 @@ class Par04Generator(nn.Module):
 
     def noise_shapes(self, batch) -> dict[str, list]:
         """Each noise input's shape (`noise_names`), for a batch size or the free axis's name."""
-        shapes = {"noise": [batch, *SHAPE], "deposit_noise": [batch, 1],
+        drawn = self.model.deposit_net.dim if self.model.deposit_net is not None else 1
+        shapes = {"noise": [batch, *SHAPE], "deposit_noise": [batch, drawn],
                   "step_noise": [step_noise_draws(self.model, self.steps), batch, *SHAPE]}
         return {name: shapes[name] for name in self.noise_names}
 
@@ -131,7 +132,7 @@ class Par04Generator(nn.Module):
         if noise is None:  # randn_like follows the input's device, so one graph serves CPU and CUDA
             noise = torch.randn_like(inputs[:, :1, None, None].expand(-1, *SHAPE))
         if deposit_noise is None and self.model.deposit_net is not None:
-            deposit_noise = torch.randn_like(inputs[:, :1])
+            deposit_noise = torch.randn_like(inputs[:, :1].expand(-1, self.model.deposit_net.dim))
         z, deposit = sample(self.model, noise, self.model_conditions(inputs), steps=self.steps,
                             deposit_noise=deposit_noise, step_noise=step_noise)
         n = self.normalizer
@@ -164,7 +165,7 @@ def contract(model: nn.Module, fmt: str, device: str, batch: int | None, steps: 
                    ranges=dict(energy_gev=[E_MIN_MEV / 1000, EMAX_GLOBAL_MEV / 1000], phi_rad=list(PHI_RANGE),
                                theta_rad=list(THETA_RANGE)))]
     described = {"noise": "unit Gaussian start of the sampler (for validation against PyTorch)",
-                 "deposit_noise": "unit Gaussian start of the total deposit's sampler",
+                 "deposit_noise": "unit Gaussian start of the sampler of the total deposit [and transverse centre]",
                  "step_noise": "unit Gaussian noise the sampler adds on the way (multistep re-noising or EDM "
                                "churn), one tensor a step that adds it"}
     inputs += [dict(name=n, shape=shape, dtype="float32", description=described[n])

@@ -108,18 +108,23 @@ def with_backend(model, backend: str = "torch", precision: str = "fp32", steps: 
     return OrtGenerator(base, precision, steps, new_detector=adapted)
 
 
-def shower_noise(seed: int, index: np.ndarray, draws: int, device) -> tuple[torch.Tensor, ...]:
+def shower_noise(seed: int, index: np.ndarray, draws: int, device, drawn: int = 1) -> tuple[torch.Tensor, ...]:
     """All the Gaussian noise of showers `index`, each drawn from its own generator keyed by (seed, index): the
-    starting noise (B, 9, 16, 45), the deposit's (B, 1) and `draws` more of a shower's shape that the sampler adds
+    starting noise (B, 9, 16, 45), the deposit's (B, `drawn`: `drawn_dim`) and `draws` more of a shower's shape that the sampler adds
     on the way ((draws, B, ...), `calofm.diffusion.step_noise_draws`; None when 0). So a shower is the same
     whatever the batch it is generated in, or the process."""
     parts = []
     for i in index:
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
-        parts.append((torch.randn(SHAPE, generator=g), torch.randn(1, generator=g),
+        parts.append((torch.randn(SHAPE, generator=g), torch.randn(drawn, generator=g),
                       torch.randn((draws, *SHAPE), generator=g)))
     noise, deposit, steps = (torch.stack(p).to(device) for p in zip(*parts))
     return noise, deposit, steps.transpose(0, 1) if draws else None
+
+
+def drawn_dim(model) -> int:
+    """How many numbers the model's deposit net draws a shower (1: E_dep; 3: with the centre); 1 without one."""
+    return model.deposit_net.dim if model.deposit_net is not None else 1
 
 
 @torch.no_grad()
@@ -160,7 +165,7 @@ def generate_showers(model, detector: str, energy, theta, phi, *, steps: int | N
         cond = encode_conditions(energy[sl], theta[sl], phi[sl], slot, model.n_slots, particles[sl],
                                  model.n_particle_slots).to(device)
         index = first_index + np.arange(start, start + cond.shape[0])
-        noise, deposit_noise, step_noise = shower_noise(seed, index, draws, device)
+        noise, deposit_noise, step_noise = shower_noise(seed, index, draws, device, drawn_dim(model))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             z, deposit = sample(model, noise, cond, steps=steps, deposit_noise=deposit_noise, step_noise=step_noise)
         unit = normalizer.generated_unit(torch.from_numpy(energy[sl]).to(device), detector, deposit)
@@ -182,7 +187,7 @@ def _generate_ort(run: OrtGenerator, detector: str, energy: np.ndarray, theta: n
         x = np.zeros((len(energy[sl]), len(INPUT_LAYOUT)), np.float32)
         x[:, 0], x[:, 1], x[:, 2], x[:, 3 + slot] = energy[sl] / 1000.0, phi[sl], theta[sl], 1.0
         index = first_index + np.arange(start, start + len(x))
-        out.append(run(x, *shower_noise(seed, index, draws, "cpu")).reshape(-1, *SHAPE) * 1000.0)
+        out.append(run(x, *shower_noise(seed, index, draws, "cpu", drawn_dim(run.model))).reshape(-1, *SHAPE) * 1000.0)
         if progress is not None:
             progress(len(x))
     showers = np.concatenate(out) if out else np.zeros((0, *SHAPE), np.float32)

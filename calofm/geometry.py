@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 # The mesh: (r, phi, z) cells, order of every shower array in memory.
 N_R, N_PHI, N_Z = 9, 16, 45
 SHAPE = (N_R, N_PHI, N_Z)
@@ -23,6 +25,9 @@ DPHI = 2 * math.pi / N_PHI
 R_CENTRES = tuple((i + 0.5) * DR_MM for i in range(N_R))
 PHI_CENTRES = tuple((j + 0.5) * DPHI for j in range(N_PHI))
 Z_CENTRES = tuple((k + 0.5) * DZ_MM for k in range(N_Z))
+# Transverse position (mm) of each (r, phi) cell centre in the mesh's frame, float64 (N_R, N_PHI).
+CELL_X = np.outer(R_CENTRES, np.cos(PHI_CENTRES))
+CELL_Y = np.outer(R_CENTRES, np.sin(PHI_CENTRES))
 
 # Condition ranges shared by all detectors (MeV, rad).
 E_MIN_MEV = 1_000.0

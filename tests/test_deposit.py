@@ -82,6 +82,48 @@ def test_short_training_reproduces_the_deposit_mean_and_spread(tmp_path):
     assert abs(spread_ratio - 1) < 0.2, spread_ratio
 
 
+def test_short_training_puts_the_shape_around_the_drawn_centre(tmp_path):
+    """`data.centre`: after a short training on one detector at one energy, the same noise generated with the centre
+    set to +2 and -2 of its standard deviation along x gives showers whose own centres (`transverse_centre`) are that
+    far apart; with the dipole term zeroed they do not move (a condition alone is ignored: benchmarks/fidelity.md).
+
+    Measured (tiny preset, 3x4x5 patches, 300 steps of batch 32 on 1000 par04_scipb showers at 20 GeV, 26 s on 2
+    cores; 200 showers, 8 Heun steps): moved 3.55 of 4 along x, 0.01 along y; zeroed 0.00.
+    """
+    from calofm.data.transforms import transverse_centre
+    from calofm.diffusion import denoiser, sampler_params, shape_conditions
+    from calofm.diffusion.edm import heun_sample
+
+    data = tmp_path / "data"
+    kw = dict(energy=2e4, theta=np.pi / 2, phi=np.pi / 32)
+    write_showers(data / "par04_scipb.h5", generate("par04_scipb", 1000, seed=3, **kw), attrs={"synthetic": True})
+    cfg = load_config(None, [f"data.dir={data}", f"output_dir={tmp_path / 'run'}", "data.detectors=[par04_scipb]",
+                             "train.steps=300", "train.batch_size=32", "train.lr=2e-3", "train.checkpoint_every=1000",
+                             "train.ema_max=0.99", "model.patch=[3,4,5]", "data.centre=true"])
+    model = load_model(pretrain(cfg)).eval()
+    norm = Normalizer.from_dict(model.normalizer)
+    assert model.deposit_net.dim == 3 and model.cond_embed[0].in_features == N_COND + model.n_slots + 3
+    n = 200
+    e = torch.full((n,), kw["energy"])
+    cond = encode_conditions(e, np.full(n, kw["theta"]), np.full(n, kw["phi"]), 0, model.n_slots)
+    noise = torch.randn((n, 9, 16, 45), generator=torch.Generator().manual_seed(0))
+    params = sampler_params(model)
+
+    def centre_at(x: float) -> np.ndarray:
+        drawn = torch.tensor([[0.0, x, 0.0]]).expand(n, 3)
+        with torch.no_grad():
+            z = heun_sample(denoiser(model, params), noise, shape_conditions(cond, drawn), params, 8)
+        showers = norm.inverse(z, norm.decode_deposit(drawn, norm.expected_deposit(e, "par04_scipb")))
+        return transverse_centre(showers.numpy(), e.numpy()).mean(0) / norm.centre_std
+
+    moved = centre_at(2.0) - centre_at(-2.0)
+    assert 0.7 * 4 < moved[0] < 1.2 * 4 and abs(moved[1]) < 0.2, moved
+    with torch.no_grad():
+        model.dipole.weight.zero_()
+        model.dipole.bias.zero_()
+    assert np.abs(centre_at(2.0) - centre_at(-2.0)).max() < 0.2
+
+
 def _fit_and_draw(epochs: float, seed: int = 0):
     """A DepositNet fitted by `fit_deposit` on y ~ N(x / 2 + offset_s, sigma_s^2), x ~ U(-1, 1), two detector
     slots s with sigma 0.1 and 0.5; returns the net's holder and its draws at x = 0.5, 2,000 a slot."""

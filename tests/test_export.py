@@ -195,6 +195,29 @@ def test_export_matches_eager(fmt, objective, steps, detector, edm, cd, tmp_path
         assert all(c.dim() == 0 for c in constants.const_mapping.values())
 
 
+def test_export_of_a_model_that_draws_the_centre_matches_eager(edm, tmp_path):
+    """A model with the normaliser's `centre` draws three numbers before the shape (deposit, centre x, y): the graph's
+    deposit_noise input is (B, 3), and the shape's dipole term (zero at initialisation, so set here) is in it."""
+    model = CaloDiT(**{**edm._hub_mixin_config, "normalizer": {**edm.normalizer, "centre": True, "centre_std": 0.5}})
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.dipole.weight, std=0.02)
+    model.eval()
+    out = export_quietly(model, tmp_path / "g.onnx", "onnx", steps=2, noise_input=True, dynamic_batch=True)
+    meta = json.loads(sidecar_path(out).read_text())
+    assert {i["name"]: i["shape"] for i in meta["inputs"]}["deposit_noise"] == ["batch", 3]
+    x = contract_input([64.0, 500.0], [0.7, 2.0], [1.3, 1.8], ["par04_scipb", "odd"])
+    g = torch.Generator().manual_seed(3)
+    noise, dnoise = torch.randn(2, 9, 16, 45, generator=g), torch.randn(2, 3, generator=g)
+    snoise = torch.randn(step_noise_draws(model, 2), 2, 9, 16, 45, generator=g)
+    got = run_exported(out, "onnx", x, noise.numpy(), dnoise.numpy(), *([snoise.numpy()] if len(snoise) else []))
+    eager = eager_mev(model, x, ["par04_scipb", "odd"], noise, 2, dnoise, snoise if len(snoise) else None)
+    assert_matches(got.reshape(2, 9, 16, 45) * 1000.0, contract_cut(eager))
+    with torch.no_grad():  # the dipole term is a visible part of what was compared
+        model.dipole.weight.zero_()
+    without = eager_mev(model, x, ["par04_scipb", "odd"], noise, 2, dnoise, snoise if len(snoise) else None)
+    assert np.abs(without - eager).max() > 0.01 * np.abs(eager).max()
+
+
 def test_batched_layout_through_lemurs_writer(cd, tmp_path):
     """(B, 8) -> (B, 6480): each row is the LEMURS file's (9, 16, 45) MeV shower, flattened, in GeV."""
     x = contract_input([2.0, 150.0, 900.0], [0.1, 3.0, 5.9], [0.9, 1.57, 2.2], ["par04_siw", "odd", "new"])

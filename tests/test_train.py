@@ -48,7 +48,8 @@ def test_loss_falls_and_model_is_saved(tiny_edm):
     assert model.objective == "edm" and model.sampler["steps"] == 32
     assert model.slot_map == {"par04_siw": 0, "par04_scipb": 1, "odd": 2, "fccee_cld": 3} and model.n_slots == 5
     assert set(model.normalizer) == {"mean", "std", "threshold_mev", "eps", "log_max", "unit", "response",
-                                     "deposit_mean", "deposit_std"}
+                                     "deposit_mean", "deposit_std", "centre", "centre_std"}
+    assert not model.normalizer["centre"] and model.dipole is None  # data.centre is asked for (recipes, README)
     assert model.normalizer["unit"] == "deposit" and model.deposit_net is not None  # the default
     assert (tiny_edm.parent / "config.yaml").exists()
 
@@ -100,6 +101,26 @@ def test_warm_restart_starts_from_the_model_and_keeps_its_normaliser(tiny_edm, d
         run("eps", f"model.init_from={tiny_edm}", "data.log_eps=1e-5")
     with pytest.raises(ValueError, match=r"model.init_from=.*do not fit the recipe's model"):
         run("patch", f"model.init_from={tiny_edm}", "model.patch=[3,2,3]")
+
+    # `data.centre` added to a model without it: the widened model computes what the start did, whatever centre it
+    # is given (`with_centre`), on the start's normaliser plus the centre's fitted scale; the reverse is refused
+    from calofm.diffusion import denoiser, deposit_denoiser, sampler_params
+
+    centred, _ = run("centre", f"model.init_from={tiny_edm}", "data.centre=true", "train.lr=1e-30")
+    model = CaloDiT.from_pretrained(centred).eval()
+    assert model.normalizer == {**given.normalizer, "centre": True, "centre_std": model.normalizer["centre_std"]}
+    assert 0.3 < model.normalizer["centre_std"] < 30  # mm x sqrt(GeV): the core's wander, 0.1 R_M at 1 GeV
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(4, 9, 16, 45, generator=g), torch.randn(4, given.n_cond, generator=g)
+    y, centre = torch.randn(4, 1, generator=g), 3 * torch.randn(4, 2, generator=g)
+    sigma = torch.tensor([0.01, 0.5, 5.0, 50.0])
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(model, sampler_params(model))(x, sigma, torch.cat([cond, y, centre], 1)),
+                                   denoiser(given, sampler_params(given))(x, sigma, torch.cat([cond, y], 1)))
+        torch.testing.assert_close(deposit_denoiser(model)(torch.cat([y, centre], 1), sigma, cond)[:, :1],
+                                   deposit_denoiser(given)(y, sigma, cond))
+    with pytest.raises(ValueError, match=r"model.init_from=.*data.centre=True.*False"):
+        run("uncentred", f"model.init_from={centred}")
 
 
 def test_killed_run_resumes_to_identical_weights(data_dir, tmp_path):

@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from calofm.data.transforms import N_COND, PHI_HARMONICS, Normalizer, encode_conditions
-from calofm.geometry import THRESHOLD_MEV
+from calofm.data.transforms import (
+    N_COND,
+    PHI_HARMONICS,
+    Normalizer,
+    deposit,
+    encode_conditions,
+    transverse_centre,
+)
+from calofm.geometry import DR_MM, PHI_CENTRES, THRESHOLD_MEV
 
 
 def showers(seed, n=50):
@@ -20,7 +27,7 @@ def energies(seed, n=50):
 def test_inverse_of_forward_is_identity_above_threshold():
     x, e = showers(0), energies(0)
     for unit, eps in (("mev", 1e-6), ("incident_energy", 1e-9), ("detector_response", 1e-7)):
-        norm = Normalizer.fit([(x, 0.02 * e if unit == "detector_response" else e, None)], eps=eps, unit=unit,
+        norm = Normalizer.fit([(x, 0.02 * e if unit == "detector_response" else e, None, None)], eps=eps, unit=unit,
                               response={"odd": 0.02})
         u = norm.unit_mev(e, "odd")
         back = norm.inverse(norm.forward(x, u), u)
@@ -56,14 +63,13 @@ def test_units_take_the_shower_scale_and_the_detector_response_out():
 def test_deposit_unit_keeps_the_shape_and_the_drawn_total_exactly():
     """Unit `deposit`: cells become the shower's fractions, E_dep is encoded on its own, and inverting a shape with
     a drawn E_dep gives a shower whose cells sum to exactly that E_dep (and, with the true E_dep, the shower)."""
-    from calofm.data.transforms import deposit
 
     x, e = showers(7), energies(7)
     x[x < THRESHOLD_MEV] = 0.0  # so that no cell crosses the threshold when scaled
     names = ["odd"] * 25 + ["par04_scipb"] * 25
     norm = Normalizer(0.0, 1.0, eps=5e-6, unit="deposit", response={"odd": 0.013, "par04_scipb": 0.067})
     expected = norm.expected_deposit(e, names)
-    norm = Normalizer.fit([(x, deposit(x), expected)], eps=5e-6, unit="deposit", response=norm.response)
+    norm = Normalizer.fit([(x, deposit(x), expected, None)], eps=5e-6, unit="deposit", response=norm.response)
     y = norm.encode_deposit(deposit(x), expected)
     assert y.shape == (50, 1) and abs(y.mean()) < 1e-6 and y.std() == pytest.approx(1.0, rel=1e-6)
     np.testing.assert_allclose(norm.decode_deposit(y, expected), deposit(x), rtol=1e-5)
@@ -82,9 +88,35 @@ def test_deposit_unit_keeps_the_shape_and_the_drawn_total_exactly():
         norm.generated_unit(e, names)
 
 
+def test_the_centre_is_the_energy_weighted_core_position_drawn_with_the_deposit():
+    # two cells of one shower: 3 MeV at (r 0, phi 0) and 1 MeV at (r 2, phi 4): the weighted mean of their centres
+    x = np.zeros((2, 9, 16, 45), np.float32)
+    x[0, 0, 0, 3], x[0, 2, 4, 10], x[0, 2, 4, 11] = 3.0, 0.5, 0.5
+    x[1, 1, 8, 0] = 2.0
+    x[1, 5, 0, 0] = THRESHOLD_MEV / 2  # under the threshold: not part of the shower
+    e = np.array([4000.0, 100000.0], np.float32)  # 4 and 100 GeV: factors 2 and 10
+
+    def cell(r, p):
+        return (r + 0.5) * DR_MM * np.array([np.cos(PHI_CENTRES[p]), np.sin(PHI_CENTRES[p])])
+
+    expected = np.stack([(3 * cell(0, 0) + cell(2, 4)) / 4 * 2, cell(1, 8) * 10])
+    np.testing.assert_allclose(transverse_centre(x, e), expected, rtol=1e-12)
+
+    x, e = showers(3), energies(3)
+    norm = Normalizer.fit([(x, deposit(x), 0.02 * e, e)], eps=1e-7, unit="deposit", response={"odd": 0.02},
+                          centre=True)
+    y = norm.encode_drawn(x, e, 0.02 * e)
+    assert y.shape == (50, 3) and y.dtype == np.float32
+    assert np.sqrt(np.mean(np.square(y[:, 1:] - y[:, 1:].mean()))) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(norm.decode_deposit(y, 0.02 * e), deposit(x), rtol=1e-5)  # the first column
+    assert Normalizer.from_dict(norm.to_dict()) == norm
+    with pytest.raises(ValueError, match="centre needs unit 'deposit'"):
+        Normalizer(0.0, 1.0, unit="mev", centre=True)
+
+
 def test_generated_cells_are_capped_at_the_largest_training_deposit():
     x = showers(4)
-    norm = Normalizer.fit([(x, None, None)])
+    norm = Normalizer.fit([(x, None, None, None)])
     assert norm.log_max == pytest.approx(np.log(x.max().astype(np.float64) + 1e-6))
     z = norm.forward(x)
     z[0, 0, 0, 0] = z.max() + 5.0  # an outlier cell far above anything in the data
@@ -93,7 +125,7 @@ def test_generated_cells_are_capped_at_the_largest_training_deposit():
 
 def test_streaming_statistics_equal_full_pass():
     parts = [showers(s, n) for s, n in ((1, 7), (2, 30), (3, 13))]
-    streamed = Normalizer.fit((p, None, None) for p in parts)
+    streamed = Normalizer.fit((p, None, None, None) for p in parts)
     full = np.log(np.where(np.concatenate(parts) < THRESHOLD_MEV, 0, np.concatenate(parts)).astype(np.float64) + 1e-6)
     assert streamed.mean == pytest.approx(full.mean(), rel=1e-12)
     assert streamed.std == pytest.approx(full.std(), rel=1e-9)

@@ -70,9 +70,9 @@ def detector_response(path: Path, max_showers: int | None = None, chunk_size: in
 
 
 def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, chunk_size: int = 1024,
-                   eps: float = 1e-6, unit: str = "mev") -> Normalizer:
+                   eps: float = 1e-6, unit: str = "mev", centre: bool = False) -> Normalizer:
     """ONE scalar mean/std over all given detectors together, in one streaming pass (two for units that need the
-    detector response)."""
+    detector response); with `centre`, the scale of the showers' transverse centre too."""
     response = ({name: detector_response(p, max_per_detector, chunk_size) for name, p in files.items()}
                 if unit in ("detector_response", "deposit") else {})
     units = Normalizer(0.0, 1.0, eps=eps, unit=unit, response=response)
@@ -82,9 +82,9 @@ def fit_normalizer(files: dict[str, Path], max_per_detector: int | None = None, 
             for s in _chunks(path, max_per_detector, chunk_size):
                 names = [name] * len(s.energy)
                 yield (s.showers, units.unit_mev(s.energy, names, s.showers),
-                       units.expected_deposit(s.energy, names) if units.has_deposit else None)
+                       units.expected_deposit(s.energy, names) if units.has_deposit else None, s.energy)
 
-    return Normalizer.fit(chunks(), eps=eps, unit=unit, response=response)
+    return Normalizer.fit(chunks(), eps=eps, unit=unit, response=response, centre=centre)
 
 
 def even_counts(total: int, k: int, rotation: int) -> list[int]:
@@ -119,7 +119,8 @@ class _Cursor:
 
 class ShowerStream(IterableDataset):
     """Infinite stream of batches {x, cond, slot[, deposit]}: x normalised (B, 9, 16, 45), cond (B, N_COND + n_slots
-    [+ n_particle_slots]), and for a normaliser with unit `deposit` the encoded E_dep (B, 1). A model without
+    [+ n_particle_slots]), and for a normaliser with unit `deposit` what the model draws first (B, 1 [+ 2]): the
+    encoded E_dep [and transverse centre] (`Normalizer.encode_drawn`). A model without
     particle slots learns photons only; any other particle in its files is an error naming the file."""
 
     def __init__(self, files: dict[str, Path], slot_map: dict[str, int], n_slots: int, normalizer: Normalizer,
@@ -147,7 +148,7 @@ class ShowerStream(IterableDataset):
 
     def deposit_table(self) -> dict[str, torch.Tensor]:
         """{cond, deposit, slot} of every shower the stream draws from, in file order (needs unit `deposit`):
-        what the deposit net's own fit trains on (calofm/train/deposit.py). Conditions and E_dep only, so a few
+        what the deposit net's own fit trains on (calofm/train/deposit.py). Conditions and E_dep [and centre], so a few
         hundred bytes a shower."""
         if not self.normalizer.has_deposit:
             raise ValueError(f"the normaliser's unit is {self.normalizer.unit!r}: no deposit to tabulate")
@@ -208,7 +209,7 @@ class ShowerStream(IterableDataset):
             batch["x"] = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
         if self.normalizer.has_deposit:
             expected = self.normalizer.expected_deposit(s.energy, names)
-            batch["deposit"] = torch.from_numpy(self.normalizer.encode_deposit(unit, expected).astype(np.float32))
+            batch["deposit"] = torch.from_numpy(self.normalizer.encode_drawn(s.showers, s.energy, expected))
         return batch
 
 

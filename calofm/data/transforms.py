@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from calofm.geometry import E_MIN_MEV, EMAX_GLOBAL_MEV, THRESHOLD_MEV
+from calofm.geometry import CELL_X, CELL_Y, E_MIN_MEV, EMAX_GLOBAL_MEV, THRESHOLD_MEV
 
 # Azimuthal harmonics the model sees: sin(k phi), cos(k phi). Calorimeters are built of modules repeated in phi
 # (ODD: 32 with cracks between them, CLD: 12 staves), so the deposit is periodic in phi with their period; a
@@ -33,6 +33,16 @@ def deposit(showers):
     return x.reshape(x.shape[0], -1).sum(1)
 
 
+def transverse_centre(showers, energy_mev):
+    """The shower's energy-weighted transverse centre (x, y) in the mesh's frame, in mm x sqrt(E_inc / GeV), (B, 2)
+    float64 numpy from (B, 9, 16, 45) MeV: where its core sits, over all its depth. Its shower-to-shower wander
+    falls as 1 / sqrt(E) (the particles' number), so the factor gives it one scale at every energy."""
+    x = np.where(showers < THRESHOLD_MEV, 0.0, np.asarray(showers, np.float64)).sum(3)  # (B, r, phi)
+    total = np.maximum(x.sum((1, 2)), np.finfo(np.float64).tiny)
+    xy = np.stack([(x * CELL_X).sum((1, 2)), (x * CELL_Y).sum((1, 2))], 1) / total[:, None]
+    return xy * np.sqrt(np.asarray(energy_mev, np.float64) / 1000.0)[:, None]
+
+
 @dataclass(frozen=True)
 class Normalizer:
     """x -> (log(x / u + eps) - mean) / std, with ONE scalar mean and std, in one of three units u:
@@ -48,6 +58,9 @@ class Normalizer:
       model draws first and the shape is conditioned on (as CaloFlow and CaloDREAM draw layer energies first):
       a diffusion model of the cells alone gets the mean deposit right but its shower-to-shower spread several
       times too wide (benchmarks/fidelity.md). `inverse` scales the generated shape to sum to the drawn E_dep.
+      With `centre`, the shower's transverse centre (`transverse_centre`, standardised by `centre_std`) is drawn
+      beside E_dep and the shape made around it: a shower's core wanders as one over its whole depth, which a
+      denoiser of the cells alone draws segment by segment (benchmarks/fidelity.md).
     The last three keep shapes and inter-layer correlations (one known scalar per shower, unlike per-layer
     normalisation).
     """
@@ -61,10 +74,14 @@ class Normalizer:
     response: dict[str, float] = field(default_factory=dict)  # detector -> mean E_dep / E_inc
     deposit_mean: float = 0.0  # of log(E_dep / (E_inc x response)), over all detectors (unit `deposit`)
     deposit_std: float = 1.0
+    centre: bool = False  # unit `deposit` only: the transverse centre is drawn with E_dep
+    centre_std: float = 1.0  # of `transverse_centre`, over both axes and all detectors
 
     def __post_init__(self):
         if self.unit not in UNITS:
             raise ValueError(f"normalizer: unit {self.unit!r} is not one of {', '.join(UNITS)}")
+        if self.centre and self.unit != "deposit":
+            raise ValueError(f"normalizer: centre needs unit 'deposit' (it is drawn with E_dep), not {self.unit!r}")
 
     def unit_mev(self, energy_mev, detectors, showers=None):
         """Per-shower unit in MeV for showers of `detectors` (a name, or one name per shower); None for `mev`.
@@ -90,16 +107,29 @@ class Normalizer:
         """Whether E_dep is a variable of its own, drawn before the shape (unit `deposit`)."""
         return self.unit == "deposit"
 
+    @property
+    def drawn(self) -> int:
+        """How many numbers a shower draws before its shape: E_dep [and its centre's x, y]; 0 without unit `deposit`."""
+        return (1 + 2 * self.centre) * self.has_deposit
+
     def encode_deposit(self, e_dep, expected_mev):
         """E_dep (B,) in MeV -> y (B, 1): the standardised log of E_dep / `expected_deposit` (E_inc x response)."""
         lib = torch if isinstance(e_dep, torch.Tensor) else np
         y = (lib.log(lib.clip(e_dep, THRESHOLD_MEV, None) / expected_mev) - self.deposit_mean) / self.deposit_std
         return y.reshape(-1, 1)
 
+    def encode_drawn(self, showers, energy_mev, expected_mev) -> np.ndarray:
+        """What the model draws first, from real showers (numpy, MeV): (B, `drawn`) float32, the encoded E_dep and,
+        with `centre`, the standardised `transverse_centre`."""
+        y = self.encode_deposit(deposit(showers), expected_mev)
+        if self.centre:
+            y = np.concatenate([y, transverse_centre(showers, energy_mev) / self.centre_std], 1)
+        return y.astype(np.float32)
+
     def decode_deposit(self, y, expected_mev):
-        """y (B, 1) -> E_dep (B,) in MeV; the inverse of `encode_deposit`."""
+        """y (B, `drawn`) -> E_dep (B,) in MeV from its first column; the inverse of `encode_deposit`."""
         lib = torch if isinstance(y, torch.Tensor) else np
-        return lib.exp(y.reshape(-1) * self.deposit_std + self.deposit_mean) * expected_mev
+        return lib.exp(y[:, 0] * self.deposit_std + self.deposit_mean) * expected_mev
 
     def generated_unit(self, energy_mev, detectors, deposit=None):
         """The unit `inverse` needs for generated showers: E_dep decoded from the model's drawn `deposit` (unit
@@ -160,22 +190,26 @@ class Normalizer:
         return cls(**d)
 
     @classmethod
-    def fit(cls, chunks: Iterable[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]],
+    def fit(cls, chunks: Iterable[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]],
             threshold_mev: float = THRESHOLD_MEV, eps: float = 1e-6, unit: str = "mev",
-            response: dict[str, float] | None = None) -> Normalizer:
-        """Streaming pass over (showers, unit_mev, expected_deposit_mev) chunks of all detectors together: exact
-        float64 sums. The third item (E_inc x response, unit `deposit` only) fits deposit_mean / deposit_std."""
-        cells, dep = _Moments(), _Moments()
-        shape = cls(0.0, 1.0, threshold_mev, eps, 0.0, unit, dict(response or {}))
-        for showers, u, expected in chunks:
+            response: dict[str, float] | None = None, centre: bool = False) -> Normalizer:
+        """Streaming pass over (showers, unit_mev, expected_deposit_mev, energy_mev) chunks of all detectors
+        together: exact float64 sums. The third item (E_inc x response, unit `deposit` only) fits deposit_mean /
+        deposit_std; with `centre`, the showers and their E_inc fit centre_std."""
+        cells, dep, xy = _Moments(), _Moments(), _Moments()
+        shape = cls(0.0, 1.0, threshold_mev, eps, 0.0, unit, dict(response or {}), centre=centre)
+        for showers, u, expected, energy in chunks:
             showers = np.asarray(showers, dtype=np.float64)
             cells.add(shape.forward(showers, None if u is None else np.asarray(u, np.float64)))
             if expected is not None:
                 dep.add(np.log(np.clip(deposit(showers), threshold_mev, None) / np.asarray(expected, np.float64)))
+            if centre:
+                xy.add(transverse_centre(showers, energy))
         if cells.n == 0:
             raise ValueError("normalizer: no showers to fit on")
         return replace(shape, mean=cells.mean, std=cells.std, log_max=cells.top,
-                       **({"deposit_mean": dep.mean, "deposit_std": dep.std} if dep.n else {}))
+                       **({"deposit_mean": dep.mean, "deposit_std": dep.std} if dep.n else {}),
+                       **({"centre_std": xy.std} if xy.n else {}))
 
 
 @dataclass

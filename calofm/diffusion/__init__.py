@@ -5,7 +5,8 @@ model's own objective (edm, cd, or fm: flow matching, whose velocity is also a d
 A model whose normaliser has unit `deposit` draws each shower's total deposit first, with its small
 `deposit_net` and EDM's Heun sampler (whatever the model's objective: it is one number a shower, so 63
 evaluations of an MLP cost next to nothing beside one of the transformer), then the shape conditioned on it:
-the encoded deposit is the last column of the transformer's conditions (`shape_conditions`).
+the encoded deposit is the last column of the transformer's conditions (`shape_conditions`). A model whose
+normaliser has `centre` draws the shower's transverse centre (x, y) with it: three numbers, the last three columns.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from calofm.diffusion import flow
 from calofm.diffusion.consistency import boundary_scalings, consistency_function
 from calofm.diffusion.edm import Churn, Denoiser, EDMParams, heun_sample, per_sample, precond
 
-# The encoded deposit is standardised (unit variance over the training showers), so sigma_data = 1.
+# The encoded deposit (and centre) are standardised (unit variance over the training showers), so sigma_data = 1.
 DEPOSIT_PARAMS = EDMParams(sigma_data=1.0)
 DEPOSIT_STEPS = 32
 # Heun steps of EDM and FM; one step is the point of consistency distillation
@@ -100,12 +101,13 @@ def denoiser(model: torch.nn.Module, params: EDMParams = EDMParams(), objective:
 
 
 def deposit_denoiser(model: torch.nn.Module) -> Denoiser:
-    """The EDM denoiser of a model's total deposit y (B, 1), conditioned on (B, model.n_cond)."""
+    """The EDM denoiser of a model's total deposit [and centre] y (B, deposit_net.dim), conditioned on (B, n_cond)."""
     return denoiser(model.deposit_net, DEPOSIT_PARAMS, objective="edm")
 
 
 def shape_conditions(cond: torch.Tensor, deposit: torch.Tensor | None) -> torch.Tensor:
-    """The transformer's conditions: [kinematics, one-hot] and, for a model that draws it, the encoded deposit."""
+    """The transformer's conditions: [kinematics, one-hot] and, for a model that draws it, the encoded deposit [and
+    centre]."""
     return cond if deposit is None else torch.cat([cond, deposit.to(cond.dtype)], 1)
 
 
@@ -115,15 +117,16 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, step
            deposit_noise: torch.Tensor | None = None, step_noise: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalised showers from unit Gaussian `noise` with the model's own sampler and its saved parameters, and the
-    encoded deposit (B, 1) they were drawn with (None for a model without `deposit_net`). `deposit_noise` (B, 1)
-    starts the deposit's sampler (default: drawn from `generator`); `step_noise` (`step_noise_draws`, B, ...) is
+    encoded deposit [and centre] (B, deposit_net.dim) they were drawn with (None for a model without `deposit_net`).
+    `deposit_noise` (B, deposit_net.dim) starts the deposit's sampler (default: drawn from `generator`); `step_noise` (`step_noise_draws`, B, ...) is
     what the sampler adds on the way: a multistep consistency sampler's re-noising or EDM's churn (default: drawn
     from `generator`)."""
     params = sampler_params(model)
     deposit = None
     if model.deposit_net is not None:
         if deposit_noise is None:
-            deposit_noise = torch.randn((noise.shape[0], 1), generator=generator, device=noise.device)
+            deposit_noise = torch.randn((noise.shape[0], model.deposit_net.dim), generator=generator,
+                                        device=noise.device)
         deposit = heun_sample(deposit_denoiser(model), deposit_noise, cond, DEPOSIT_PARAMS, DEPOSIT_STEPS)
     cond = shape_conditions(cond, deposit)
     steps = sampler_steps(model, steps)

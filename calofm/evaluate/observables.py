@@ -27,8 +27,7 @@ from calofm.geometry import N_CELLS, N_PHI, N_R, N_Z, SHAPE, THRESHOLD_MEV
 R_CENTRES = np.array(geometry.R_CENTRES)
 PHI_CENTRES = np.array(geometry.PHI_CENTRES)
 Z_CENTRES = np.array(geometry.Z_CENTRES)
-_X = (R_CENTRES[:, None] * np.cos(PHI_CENTRES)[None, :]).astype(np.float64)  # (r, phi)
-_Y = (R_CENTRES[:, None] * np.sin(PHI_CENTRES)[None, :]).astype(np.float64)
+_X, _Y = geometry.CELL_X, geometry.CELL_Y  # (r, phi)
 _R = np.broadcast_to(R_CENTRES[:, None], (N_R, N_PHI)).astype(np.float64)
 
 # Offset inside log10 of segment energies (MeV): the cell threshold, so an empty segment reads log10(0.01515)

@@ -20,7 +20,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from calofm.data.transforms import N_COND
-from calofm.geometry import SHAPE
+from calofm.geometry import PHI_CENTRES, SHAPE
 
 OBJECTIVES = ("edm", "cd", "fm")  # EDM diffusion, its consistency distillation, flow matching
 
@@ -115,18 +115,19 @@ class FinalLayer(nn.Module):
 
 
 class DepositNet(nn.Module):
-    """EDM's raw F for the shower's total deposit y (B, 1) (normaliser unit `deposit`): an MLP on [c_in y, noise
-    embedding, conditions]. The deposit is one number a shower, so this is cheap next to the transformer, and its
-    distribution (the detector's energy resolution) is learnt directly instead of as a sum over 6480 cells."""
+    """EDM's raw F for what a shower draws before its shape, y (B, dim) (normaliser unit `deposit`): its total
+    deposit [and transverse centre x, y], an MLP on [c_in y, noise embedding, conditions]. A few numbers a shower, so
+    this is cheap next to the transformer, and their distribution (the detector's energy resolution, the core's
+    wander) is learnt directly instead of as sums over 6480 cells."""
 
-    def __init__(self, cond_dim: int, width: int = 128, depth: int = 3, t_dim: int = 64):
+    def __init__(self, cond_dim: int, width: int = 128, depth: int = 3, t_dim: int = 64, dim: int = 1):
         super().__init__()
-        self.t_dim = t_dim
-        dims = [1 + t_dim + cond_dim] + [width] * depth
+        self.t_dim, self.dim = t_dim, dim
+        dims = [dim + t_dim + cond_dim] + [width] * depth
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.SiLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers, nn.Linear(width, dim))
 
     def forward(self, y: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([y, timestep_embedding(c_noise, self.t_dim), cond], 1))
@@ -137,7 +138,12 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
     """Diffusion transformer over the shower mesh, conditioned on noise level, E, theta, phi and detector one-hot.
 
     With a normaliser of unit `deposit` the model also carries `deposit_net`, which draws the shower's total
-    deposit first; the transformer then draws the shape conditioned on it (one more condition input).
+    deposit first; the transformer then draws the shape conditioned on it (one more condition input). With the
+    normaliser's `centre`, the net draws the shower's transverse centre (x, y) beside it, and `dipole` puts the
+    shape around it: each token's cells get an amplitude x (x cos phi + y sin phi), the first order of moving the
+    core, added to the output. As a condition alone the centre was ignored (benchmarks/fidelity.md: the loss gains
+    from it in two directions of 6480); through this fixed azimuthal pattern its gradient reaches the amplitudes
+    directly.
     Every constructor argument is JSON and lands in config.json, so a saved folder is self-describing.
     """
 
@@ -180,13 +186,18 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
 
         w, cond_dim = self.width, 2 * self.width
         draws_deposit = (normalizer or {}).get("unit") == "deposit"
-        self.deposit_net = DepositNet(self.n_cond) if draws_deposit else None
+        draws_centre = draws_deposit and bool((normalizer or {}).get("centre"))
+        drawn = (1 + 2 * draws_centre) * draws_deposit
+        self.deposit_net = DepositNet(self.n_cond, dim=drawn) if draws_deposit else None
         self.patch_embed = nn.Conv3d(1, w, kernel_size=self.patch, stride=self.patch)
         self.register_buffer("pos_embed", sincos_3d(self.grid, w), persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
-        self.cond_embed = nn.Sequential(nn.Linear(self.n_cond + draws_deposit, w), nn.SiLU(), nn.Linear(w, w))
+        self.cond_embed = nn.Sequential(nn.Linear(self.n_cond + drawn, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(DiTBlock(w, self.heads, self.mlp_dim, cond_dim) for _ in range(self.depth))
         self.final = FinalLayer(w, math.prod(self.patch), cond_dim)
+        self.dipole = nn.Linear(w, math.prod(self.patch)) if draws_centre else None
+        phi = torch.tensor(PHI_CENTRES, dtype=torch.float32)
+        self.register_buffer("azimuth", torch.stack([phi.cos(), phi.sin()]), persistent=False)  # (2, N_PHI)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -198,7 +209,9 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(block.adaLN.weight)
             nn.init.zeros_(block.adaLN.bias)
-        for layer in (self.final.adaLN, self.final.linear) + ((self.deposit_net.net[-1],) if self.deposit_net else ()):
+        zeroed = (self.final.adaLN, self.final.linear, self.deposit_net.net[-1] if self.deposit_net else None,
+                  self.dipole)
+        for layer in filter(None, zeroed):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -209,17 +222,24 @@ class CaloDiT(nn.Module, PyTorchModelHubMixin, library_name="calofm", license="a
         return cls(preset=name, **{**PRESETS[name], **overrides})
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, 9, 16, 45), c_noise (B,), cond (B, n_cond [+ 1: the encoded deposit]) -> (B, 9, 16, 45)."""
+        """x (B, 9, 16, 45), c_noise (B,), cond (B, n_cond [+ the drawn deposit [and centre]]) -> (B, 9, 16, 45)."""
         # contiguous tokens: the conv's output viewed as (b, n, c) keeps channel-first strides, which every later
         # element-wise op would inherit, so each LayerNorm over c would read strided memory and copy
         h = rearrange(self.patch_embed(x[:, None]), "b c r p z -> b (r p z) c").contiguous() + self.pos_embed
         c = torch.cat([self.t_embed(timestep_embedding(c_noise, 256)), self.cond_embed(cond)], 1)
         for block in self.blocks:
             h = block(h, c)
-        h = self.final(h, c)
+        out = self.cells(self.final(h, c))
+        if self.dipole is not None:  # the centre is cond's last two columns (`calofm.diffusion.shape_conditions`)
+            toward = cond[:, -2:] @ self.azimuth  # (B, N_PHI): x cos phi + y sin phi
+            out = out + self.cells(self.dipole(self.final.norm(h))) * toward[:, None, :, None]
+        return out
+
+    def cells(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, patch volume) -> (B, 9, 16, 45): the tokens' patches back on the mesh."""
         gr, gp, gz = self.grid
         pr, pp, pz = self.patch
-        return rearrange(h, "b (r p z) (pr pp pz) -> b (r pr) (p pp) (z pz)",
+        return rearrange(tokens, "b (r p z) (pr pp pz) -> b (r pr) (p pp) (z pz)",
                          r=gr, p=gp, z=gz, pr=pr, pp=pp, pz=pz)
 
     def with_config(self, **changes) -> CaloDiT:

@@ -108,10 +108,39 @@ def starting_model(cfg: RunConfig, slot_map: dict[str, int]) -> CaloDiT:
                          f"{'' if start.normalizer else ' without a normaliser'}; this run trains "
                          f"{cfg.model.objective!r} (model.objective)")
     norm = Normalizer.from_dict(start.normalizer)
-    if (norm.unit, norm.eps) != (cfg.data.unit, cfg.data.log_eps):
-        raise ValueError(f"model.init_from={ref!r} was trained with data.unit={norm.unit}, data.log_eps={norm.eps:g}; "
-                         f"the recipe sets {cfg.data.unit}, {cfg.data.log_eps:g}: set them as the model's")
+    if (norm.unit, norm.eps) != (cfg.data.unit, cfg.data.log_eps) or norm.centre > cfg.data.centre:
+        raise ValueError(f"model.init_from={ref!r} was trained with data.unit={norm.unit}, data.log_eps={norm.eps:g}, "
+                         f"data.centre={norm.centre}; the recipe sets {cfg.data.unit}, {cfg.data.log_eps:g}, "
+                         f"{cfg.data.centre}: set them as the model's (a model without the centre may gain it)")
     return start
+
+
+def start_normalizer(cfg: RunConfig, start: CaloDiT, files: dict[str, Path]) -> Normalizer:
+    """The start's normaliser; where the run adds `data.centre` to a model without it, the centre's scale is fitted
+    on the run's showers (everything else stays the start's, which its weights were trained with)."""
+    norm = Normalizer.from_dict(start.normalizer)
+    if cfg.data.centre and not norm.centre:
+        fitted = fit_normalizer(files, cfg.data.max_per_detector, eps=norm.eps, unit=norm.unit, centre=True)
+        norm = dataclasses.replace(norm, centre=True, centre_std=fitted.centre_std)
+    return norm
+
+
+def with_centre(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of a model without the centre, widened to `target`'s (the same model with it) so that the widened
+    model computes what the start did: the centre's new inputs (the last two columns of the condition embedding,
+    columns 1-2 of the deposit net's first layer) and outputs (the deposit net's rows 1-2, the dipole term) are zero;
+    training grows them from there. Tensors of another architecture are left for `load_state_dict` to report."""
+    out = dict(state) | {k: torch.zeros_like(w) for k, w in target.items() if k.startswith("dipole.")}
+    for k, v in state.items():
+        w = target.get(k)
+        if w is None or w.shape == v.shape or not k.startswith(("deposit_net.net.", "cond_embed.0.")):
+            continue
+        out[k] = torch.zeros_like(w)
+        if k == "deposit_net.net.0.weight":  # inputs [y, noise embedding, conditions]: y gains the centre's x, y
+            out[k][:, :1], out[k][:, 3:] = v[:, :1], v[:, 1:]
+        else:  # the deposit's output row, or the condition embedding's columns before the centre's
+            out[k][tuple(slice(0, n) for n in v.shape)] = v
+    return out
 
 
 def warm_restart(cfg: RunConfig, start: CaloDiT | None) -> dict:
@@ -122,9 +151,13 @@ def warm_restart(cfg: RunConfig, start: CaloDiT | None) -> dict:
 
 
 def load_start(model: CaloDiT, start: CaloDiT, ref: str) -> None:
-    """`start`'s weights into the run's `model` (built from the recipe), or an error naming what differs."""
+    """`start`'s weights into the run's `model` (built from the recipe; `with_centre` where the run adds the centre),
+    or an error naming what differs."""
+    state = start.state_dict()
+    if model.dipole is not None and start.dipole is None:
+        state = with_centre(state, model.state_dict())
     try:
-        model.load_state_dict(start.state_dict())
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"model.init_from={ref!r}: its weights do not fit the recipe's model (model.preset, "
                          f"depth, width, heads, mlp_dim, patch, slots): {str(e).splitlines()[1].strip()}") from e
@@ -139,8 +172,9 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     files = find_detector_files(cfg.data.dir, cfg.data.detectors)
     slot_map = default_slot_map(cfg.data.detectors)
     start = starting_model(cfg, slot_map) if cfg.model.init_from else None
-    normalizer = (Normalizer.from_dict(start.normalizer) if start is not None else
-                  fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit))
+    normalizer = (start_normalizer(cfg, start, files) if start is not None else
+                  fit_normalizer(files, cfg.data.max_per_detector, eps=cfg.data.log_eps, unit=cfg.data.unit,
+                                 centre=cfg.data.centre))
     params = EDMParams(sigma_data=cfg.edm.sigma_data, P_mean=cfg.edm.p_mean, P_std=cfg.edm.p_std)
     fm = FMParams(cfg.fm.t_mean, cfg.fm.t_std) if cfg.model.objective == "fm" else None
     if start is not None and fm is None:  # its preconditioning and noise range, fixed by its weights
