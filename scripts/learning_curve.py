@@ -26,6 +26,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=300, help="showers per detector (the first N of each reference file)")
     ap.add_argument("--steps", nargs="*", type=int, help="only these checkpoints (default: all kept)")
+    ap.add_argument("--detectors", nargs="*", help="only these detectors (default: the model's slot map)")
+    ap.add_argument("--final-deposit-net", action="store_true",
+                    help="keep the final model's deposit net (refitted at the run's end) at every checkpoint, so the "
+                    "curve follows the shape network alone")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
@@ -44,7 +48,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     batch = load_config(run / "config.yaml").train.batch_size
     model = load_model(run / "model")
-    detectors = sorted(model.slot_map, key=model.slot_map.get)
+    detectors = args.detectors or sorted(model.slot_map, key=model.slot_map.get)
+    keep = args.final_deposit_net and model.deposit_net is not None
+    final_deposit = {k: v.clone() for k, v in model.deposit_net.state_dict().items()} if keep else None
     refs = {}
     for det in detectors:
         with open_showers(Path(args.reference) / f"{det}.h5") as f:
@@ -55,6 +61,8 @@ def main() -> None:
         if args.steps and step not in args.steps:
             continue
         load_weights(model, str(ckpt / EMA_FILE))
+        if final_deposit:
+            model.deposit_net.load_state_dict(final_deposit)
         row = {"step": step, "showers_seen": step * batch, "detectors": {}}
         for det, ref in refs.items():
             gen = generate_showers(model, det, ref.energy, ref.theta, ref.phi, seed=1)
