@@ -95,6 +95,8 @@ def test_warm_restart_starts_from_the_model_and_keeps_its_normaliser(tiny_edm, d
     model, given = CaloDiT.from_pretrained(warm), CaloDiT.from_pretrained(tiny_edm)
     assert model.normalizer == given.normalizer  # 50 showers a detector would refit other mean and std
     assert model.provenance["init_from"] == str(tiny_edm) and model.provenance["init_steps"] == 40
+    again, _ = run("again", f"model.init_from={warm}")  # a warm restart of a warm restart: 40 + 2 steps seen
+    assert CaloDiT.from_pretrained(again).provenance["init_steps"] == 42
     with pytest.raises(ValueError, match=r"model.init_from=.*data.detectors"):
         run("fewer", f"model.init_from={tiny_edm}", "data.detectors=[par04_siw,odd]")
     with pytest.raises(ValueError, match=r"model.init_from=.*data.log_eps=1e-07.*1e-05"):

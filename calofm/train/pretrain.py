@@ -144,10 +144,14 @@ def with_centre(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor])
 
 
 def warm_restart(cfg: RunConfig, start: CaloDiT | None) -> dict:
-    """Provenance of a run started from `model.init_from`: the model and the steps it had seen."""
+    """Provenance of a run started from `model.init_from`: the model and the steps it had seen, its own warm
+    restarts' included."""
     if start is None:
         return {}
-    return {"init_from": cfg.model.init_from, "init_steps": start.provenance.get("steps")}
+    seen = start.provenance.get("steps")
+    if seen is not None:
+        seen += start.provenance.get("init_steps", 0)
+    return {"init_from": cfg.model.init_from, "init_steps": seen}
 
 
 def load_start(model: CaloDiT, start: CaloDiT, ref: str) -> None:
