@@ -105,7 +105,7 @@ def test_the_centre_is_the_energy_weighted_core_position_drawn_with_the_deposit(
     x, e = showers(3), energies(3)
     norm = Normalizer.fit([(x, deposit(x), 0.02 * e, e)], eps=1e-7, unit="deposit", response={"odd": 0.02},
                           centre=True)
-    y = norm.encode_drawn(x, e, 0.02 * e)
+    y = norm.encode_drawn(deposit(x), 0.02 * e, x, e)
     assert y.shape == (50, 3) and y.dtype == np.float32
     assert np.sqrt(np.mean(np.square(y[:, 1:] - y[:, 1:].mean()))) == pytest.approx(1.0, rel=1e-5)
     np.testing.assert_allclose(norm.decode_deposit(y, 0.02 * e), deposit(x), rtol=1e-5)  # the first column

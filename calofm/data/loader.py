@@ -209,7 +209,7 @@ class ShowerStream(IterableDataset):
             batch["x"] = torch.from_numpy(self.normalizer.forward(s.showers, unit).astype(np.float32))
         if self.normalizer.has_deposit:
             expected = self.normalizer.expected_deposit(s.energy, names)
-            batch["deposit"] = torch.from_numpy(self.normalizer.encode_drawn(s.showers, s.energy, expected))
+            batch["deposit"] = torch.from_numpy(self.normalizer.encode_drawn(unit, expected, s.showers, s.energy))
         return batch
 
 

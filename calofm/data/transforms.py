@@ -118,10 +118,11 @@ class Normalizer:
         y = (lib.log(lib.clip(e_dep, THRESHOLD_MEV, None) / expected_mev) - self.deposit_mean) / self.deposit_std
         return y.reshape(-1, 1)
 
-    def encode_drawn(self, showers, energy_mev, expected_mev) -> np.ndarray:
-        """What the model draws first, from real showers (numpy, MeV): (B, `drawn`) float32, the encoded E_dep and,
-        with `centre`, the standardised `transverse_centre`."""
-        y = self.encode_deposit(deposit(showers), expected_mev)
+    def encode_drawn(self, e_dep, expected_mev, showers, energy_mev) -> np.ndarray:
+        """What the model draws first, from real showers (numpy, MeV; `e_dep` their `deposit`, which the caller has
+        as their unit): (B, `drawn`) float32, the encoded E_dep and, with `centre`, the standardised
+        `transverse_centre`."""
+        y = self.encode_deposit(e_dep, expected_mev)
         if self.centre:
             y = np.concatenate([y, transverse_centre(showers, energy_mev) / self.centre_std], 1)
         return y.astype(np.float32)
