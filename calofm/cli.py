@@ -77,8 +77,9 @@ def data_synth(
                                        help="photon | electron | pion; repeat it for a file of several, each "
                                             "shower's drawn uniformly (its PDG code in the file)."),
     spectrum: str = typer.Option("uniform", "--spectrum",
-                                 help="Incident energy: uniform (as LEMURS) or log-uniform (equal showers per decade, "
-                                      "for resolution studies)."),
+                                 help="Incident energy: uniform (as LEMURS), log-uniform (equal showers per decade, "
+                                      "for resolution studies) or mixed (each shower one or the other: training "
+                                      "showers at every energy, benchmarks/fidelity.md)."),
 ) -> None:
     """Synthesise GFlash-parametrised stand-in showers (not Geant4), one LEMURS file per detector.
 

@@ -283,7 +283,7 @@ def test_cli_synth(tmp_path):
     assert result.exit_code == 2 and "unknown detector 'cms'" in result.output
     result = runner.invoke(app, ["data", "synth", "--detector", "odd", "--n", "3", "--spectrum", "flat",
                                  "--out", str(tmp_path / "bad")])
-    assert result.exit_code == 2 and "spectrum must be one of uniform, log-uniform, got 'flat'" in result.output
+    assert result.exit_code == 2 and "spectrum must be one of uniform, log-uniform, mixed, got 'flat'" in result.output
     assert not (tmp_path / "bad" / "odd.h5").exists()
     result = runner.invoke(app, ["data", "synth", "--n", "3", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "exactly one of --detector NAME or --all" in result.output
@@ -311,6 +311,15 @@ def test_log_uniform_spectrum_fills_every_decade_and_leaves_uniform_as_it_was(tm
     (path,) = synthesize(tmp_path, ["odd"], 5, seed=1, spectrum="log-uniform")
     with open_showers(path) as f:
         assert f.attrs["energy_spectrum"] == "log-uniform"
+
+
+def test_mixed_spectrum_is_half_uniform_half_log_uniform(tmp_path):
+    """par04_siw, 1 GeV-1 TeV, 4,000 showers: `mixed` puts 0.5 ln 4 / ln 1000 + 0.5 x 3 / 999 = 10.2 % below 4 GeV
+    (uniform: 0.3 %; binomial error 0.5 %) and 0.5 x 0.5 + 0.5 ln 2 / ln 1000 = 30.0 % above 500 GeV (error 0.7 %)."""
+    e = sample_conditions("par04_siw", 4000, np.random.default_rng(4), "mixed")[0]
+    assert abs((e < 4e3).mean() - 0.102) < 0.015
+    assert abs((e > 5e5).mean() - 0.300) < 0.021
+    assert e.min() >= E_MIN_MEV and e.max() <= get_detector("par04_siw").emax_mev
 
 
 def test_particles_photons_unchanged_electrons_earlier_pions_deeper_wider_and_told_apart():
