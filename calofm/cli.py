@@ -335,7 +335,7 @@ def evaluate(reference: Path = typer.Option(..., "--reference", help="Reference 
         typer.echo(f"warning: {note}", err=True)
     for key in ("auc_low", "auc_high"):
         if key in result:
-            typer.echo(f"{key}: {result[key]:.4f}")
+            typer.echo(f"{key}: {result[key]['value']:.4f} +- {result[key]['error']:.2g}")
     for key in ("fpd_cc", "kpd_cc", "fpd", "kpd"):
         if key in result:
             typer.echo(f"{key} x 1e3: {result[key]['value'] * 1e3:.4g} +- {result[key]['error'] * 1e3:.2g}  "

@@ -51,11 +51,11 @@ def separation(ref_feats: np.ndarray, gen_feats: np.ndarray, names: list[str], t
     per_feature = {n: folded_auc(ref_feats[:, i], gen_feats[:, i]) for i, n in enumerate(names)}
     ranked = sorted(per_feature.items(), key=lambda kv: -kv[1])
     row = {"n_reference": len(ref_feats), "n_generated": len(gen_feats),
-           "auc_high": classifier_auc(ref_feats, gen_feats), "top": ranked[:top], "per_feature": per_feature,
+           "auc_high": classifier_auc(ref_feats, gen_feats)[0], "top": ranked[:top], "per_feature": per_feature,
            "centre_coherence": {"reference": bootstrap(centre_coherence, ref_feats),
                                 "generated": bootstrap(centre_coherence, gen_feats)}}
     if groups:
-        row["auc_group"] = {g: classifier_auc(ref_feats[:, cols], gen_feats[:, cols])
+        row["auc_group"] = {g: classifier_auc(ref_feats[:, cols], gen_feats[:, cols])[0]
                             for g, cols in feature_groups(names).items()}
     return row
 

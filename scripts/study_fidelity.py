@@ -81,7 +81,8 @@ def main() -> None:
                                      "feature_fd": feature_distances(ref, gen), "generate_s": gen_s}
 
 
-        auc_s = " / ".join(f"{ev[k]:.3f}" if k in ev else "–" for k in ("auc_high", "auc_low"))
+        auc_s = " / ".join(f"{ev[k]['value']:.3f} ± {ev[k]['error']:.3f}" if k in ev else "–"
+                           for k in ("auc_high", "auc_low"))
         means = " / ".join(f"{r['mean_ratio']:.3f}±{r['mean_ratio_error']:.3f}" for r in rows)
         spreads = " / ".join(f"{r['spread_ratio']:.2f}±{r['spread_ratio_error']:.2f}" for r in rows)
         print(f"| {det} | {pm(ev.get('fpd'))} | {pm(ev.get('fpd_cc'))} | {auc_s} | {means} | {spreads} | {gen_s:.0f} |", flush=True)

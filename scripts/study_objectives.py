@@ -86,7 +86,7 @@ def main() -> None:
                 gen = generate_showers(m, d, ref.energy, ref.theta, ref.phi, seed=1)
                 ev = evaluate(ref, gen, out / "eval" / f"{name}-{solver}{steps}" / d, metrics=["fpd", "auc_high"],
                               detector=d)
-                row["detectors"][d] = {"fpd": ev["fpd"], "auc_high": ev["auc_high"]}
+                row["detectors"][d] = {"fpd": ev["fpd"], "auc_high": ev["auc_high"]["value"]}
             rows.append(row)
             print(format_row(row, detectors), flush=True)
     (out / "objectives.json").write_text(json.dumps({"args": vars(args), "rows": rows, "cpu_s": timing}, indent=1,

@@ -18,6 +18,7 @@ from calofm.evaluate import observables as O
 from calofm.evaluate.metrics import (
     _poly_mmd2_unbiased,
     _weighted_moments,
+    auc_error,
     bootstrap,
     classifier_auc,
     fpd,
@@ -304,8 +305,8 @@ def features(sets):
 
 def test_high_level_metrics_data_vs_data_and_other_detector(features):
     ref, same, other = features["ref"], features["same"], features["other"]
-    assert abs(classifier_auc(ref, same) - 0.5) < 0.03
-    assert classifier_auc(ref[:2000], other) > 0.9
+    assert abs(classifier_auc(ref, same)[0] - 0.5) < 0.03
+    assert classifier_auc(ref[:2000], other)[0] > 0.9
 
     value, error = fpd(ref[:2000], ref[2000:])  # two halves of one set
     assert value <= 2 * error, (value, error)
@@ -355,11 +356,48 @@ def test_separation_powers_data_vs_data_and_other_detector(sets):
     assert separation_power(obs["ref"]["e_ratio"], obs["other"]["e_ratio"], 30) > 0.9  # sampling fractions differ
 
 
+def test_auc_error_is_delongs_and_the_auc_of_repeated_classifiers_scatters_by_its_error():
+    """DeLong's error from placements found by sorting equals the all-pairs definition, ties included. On two 4-D
+    Gaussians one unit apart along one axis (true AUC Phi(1/sqrt 2) = 0.760), fresh samples of 2,000 a side each
+    time, twenty times: one classifier (400 a side tested) scatters by about its DeLong error (the error counts the
+    test split, the scatter also the training; measured 1.37x); the mean of five by at most the error
+    `classifier_auc` gives it (1.08x); their mean over the twenty lies just below the truth. Twenty values' spread
+    has an error of ~16 %."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(size=300) + labels, 1)  # rounded: many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    expected = np.sqrt(psi.mean(1).var(ddof=1) / len(pos) + psi.mean(0).var(ddof=1) / len(neg))
+    assert auc_error(labels, scores) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 scores of each class"):
+        auc_error([1, 0, 0], [0.2, 0.1, 0.3])
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        classifier_auc(scores[:, None], scores[:, None], repeats=0)
+
+    truth = norm.cdf(1 / np.sqrt(2))
+    for repeats, low, high in ((1, 0.015, 0.03), (5, 0.008, 0.02)):
+        aucs, errors = [], []
+        for seed in range(20):
+            real, gen = rng.normal(size=(2000, 4)), rng.normal(size=(2000, 4))
+            real[:, 0] += 1.0
+            auc, error = classifier_auc(real, gen, seed=seed, repeats=repeats)
+            aucs.append(auc)
+            errors.append(error)
+        error = np.mean(errors)
+        assert low < error < high, (repeats, error)
+        # no classifier beats the Bayes AUC beyond noise; a finite one falls short (measured 0.005-0.008)
+        assert truth - 0.015 < np.mean(aucs) < truth + 3 * error / np.sqrt(len(aucs)), (repeats, np.mean(aucs))
+        assert 0.5 < np.std(aucs, ddof=1) / error < (1.6 if repeats == 1 else 1.2), (repeats, np.std(aucs) / error)
+
+
 def test_low_level_auc_data_vs_data_and_other_detector(sets):
     ref, same, other = sets["ref"][:2000], sets["same"][:2000], sets["other"]
     low = {k: O.low_level_features(s.showers, s.energy) for k, s in (("ref", ref), ("same", same), ("other", other))}
-    assert abs(classifier_auc(low["ref"], low["same"]) - 0.5) < 0.03
-    assert classifier_auc(low["ref"], low["other"]) > 0.9
+    assert abs(classifier_auc(low["ref"], low["same"])[0] - 0.5) < 0.03
+    assert classifier_auc(low["ref"], low["other"])[0] > 0.9
     with pytest.raises(ValueError, match="equal width"):
         classifier_auc(low["ref"], np.zeros((100, 3)))
 
@@ -399,7 +437,7 @@ def test_evaluate_writes_a_report_folder(tmp_path):
     assert saved["reference"]["format"] == "lemurs" and saved["generated"]["format"] == "calochallenge"
     assert saved["detector"] == "par04_siw" and saved["reference"]["synthetic"]
     for key in ("auc_low", "auc_high"):
-        assert 0.0 <= saved[key] <= 1.0
+        assert 0.0 <= saved[key]["value"] <= 1.0 and 0.0 < saved[key]["error"] < 0.2
     for key in ("fpd", "kpd", "fpd_cc", "kpd_cc"):
         assert set(saved[key]) == {"value", "error", "definition"} and saved[key]["definition"] == DEFINITIONS[key]
     assert saved["fpd"]["error"] > 0 and saved["fpd_cc"]["error"] > 0 and saved["fpd_cc"]["value"] > 0
@@ -452,18 +490,21 @@ def test_cli_evaluate(tmp_path):
 
 
 
-def test_fidelity_rows_show_the_centre_coherence_beside_the_auc():
-    """Generated and data side by side; rows scored before it was measured (a card's metrics.json) show "–"."""
+def test_fidelity_rows_show_the_auc_with_its_error_and_the_centre_coherence():
+    """The AUC as value ± error, the coherence generated and data side by side; rows scored before either was
+    measured (an older card's metrics.json) show the AUC alone and "–"."""
     from calofm.evaluate.fidelity import GOALS, card_metrics, table
 
     row = {"n": 2000, "mean_ratio": 1.01, "mean_ratio_error": 0.01, "spread_ratio": 0.95, "spread_ratio_error": 0.05,
            "fpd": {"value": 0.0244, "error": 0.0053}, "fpd_cc": {"value": 0.574, "error": 0.003}, "auc_high": 0.87,
-           "coherence": {"reference": {"value": 0.22, "error": 0.01}, "generated": {"value": 0.02, "error": 0.02}}}
-    old = {k: v for k, v in row.items() if k != "coherence"}
+           "auc_high_error": 0.02, "coherence": {"reference": {"value": 0.22, "error": 0.01}, "generated": {"value": 0.02, "error": 0.02}}}
+    old = {k: v for k, v in row.items() if k not in ("coherence", "auc_high_error")}
     lines = table({"par04_siw": row, "odd": old}, goals=GOALS["edm"]).splitlines()
     assert len({line.count("|") for line in lines}) == 1  # every row has the header's columns
-    assert lines[2].endswith("| 0.870 | 0.02 ± 0.02 / 0.22 ± 0.01 |") and lines[3].endswith("| 0.870 | – |")
+    assert lines[2].endswith("| 0.870 ± 0.020 | 0.02 ± 0.02 / 0.22 ± 0.01 |") and lines[3].endswith("| 0.870 | – |")
     card = card_metrics({"par04_siw": row, "odd": old})
+    assert card["par04_siw"]["classifier AUC (high-level)"] == [0.87, 0.02]
+    assert card["odd"]["classifier AUC (high-level)"] == 0.87
     assert card["par04_siw"]["centre coherence across depth, data"] == [0.22, 0.01]
     assert card["par04_siw"]["centre coherence across depth, generated"] == [0.02, 0.02]
     assert not any(k.startswith("centre coherence") for k in card["odd"])

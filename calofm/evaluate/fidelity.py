@@ -38,7 +38,8 @@ def fidelity(reference: Showers, generated: Showers, folder: str | Path, detecto
             "mean_ratio": worst["mean_ratio"]["mean_ratio"], "mean_ratio_error": worst["mean_ratio"]["mean_ratio_error"],
             "spread_ratio": worst["spread_ratio"]["spread_ratio"],
             "spread_ratio_error": worst["spread_ratio"]["spread_ratio_error"],
-            "fpd": r["fpd"], "fpd_cc": r["fpd_cc"], "auc_high": r["auc_high"], "coherence": r["coherence"]}
+            "fpd": r["fpd"], "fpd_cc": r["fpd_cc"], "auc_high": r["auc_high"]["value"],
+            "auc_high_error": r["auc_high"]["error"], "coherence": r["coherence"]}
 
 
 def table(summary: dict[str, dict], goals: dict | None = None, teacher: dict[str, dict] | None = None,
@@ -55,7 +56,7 @@ def table(summary: dict[str, dict], goals: dict | None = None, teacher: dict[str
             fpd += f" ({s['fpd']['value'] / teacher[d]['fpd']['value']:.2g}x EDM)"
         rows.append(f"| {d} | {s['n']:,} | {s['mean_ratio']:.3f} ± {s['mean_ratio_error']:.3f} | "
                     f"{s['spread_ratio']:.2f} ± {s['spread_ratio_error']:.2f} | {fpd} | "
-                    f"{s['fpd_cc']['value'] * 1e3:.3g} ± {s['fpd_cc']['error'] * 1e3:.2g} | {s['auc_high']:.3f} | "
+                    f"{s['fpd_cc']['value'] * 1e3:.3g} ± {s['fpd_cc']['error'] * 1e3:.2g} | {_auc(s)} | "
                     f"{_coherence(s)} |" + (f" [report]({links[d]}) |" if links else ""))
     if goals:
         fpd_goal = (f"<= {goals['fpd_vs_teacher']:g}x the EDM teacher's" if "fpd_vs_teacher" in goals
@@ -64,6 +65,11 @@ def table(summary: dict[str, dict], goals: dict | None = None, teacher: dict[str
         rows.append(f"| **goal** | | within {goals['mean'] * 100:g}% | within {goals['spread'] * 100:g}% | "
                     f"{fpd_goal} | data vs data: see note | {auc_goal} | the data's |" + (" |" if links else ""))
     return head + "\n".join(rows) + "\n"
+
+
+def _auc(row: dict) -> str:
+    """"value ± error" of a row's classifier AUC; the value alone for rows scored before its error was."""
+    return f"{row['auc_high']:.3f}" + (f" ± {row['auc_high_error']:.3f}" if "auc_high_error" in row else "")
 
 
 def _coherence(row: dict) -> str:
@@ -80,7 +86,8 @@ def card_metrics(summary: dict[str, dict]) -> dict[str, dict]:
                "worst relative-spread ratio": [s["spread_ratio"], s["spread_ratio_error"]],
                "FPD x1e3 (calofm)": [s["fpd"]["value"] * 1e3, s["fpd"]["error"] * 1e3],
                "FPD x1e3 (CaloChallenge)": [s["fpd_cc"]["value"] * 1e3, s["fpd_cc"]["error"] * 1e3],
-               "classifier AUC (high-level)": s["auc_high"]}
+               "classifier AUC (high-level)": ([s["auc_high"], s["auc_high_error"]] if "auc_high_error" in s
+                                               else s["auc_high"])}
         for role, label in (("generated", "generated"), ("reference", "data")) if "coherence" in s else ():
             row[f"centre coherence across depth, {label}"] = [s["coherence"][role]["value"], s["coherence"][role]["error"]]
         return row

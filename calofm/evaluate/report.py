@@ -238,7 +238,8 @@ def evaluate(reference, generated, out_dir, metrics=None, detector: str | None =
                                  "high_level_features": len(O.high_level_names()),
                                  "calochallenge_features": CC_FEATURES, "calochallenge_seed": M.CC_SEED + seed,
                                  "calochallenge_fpd": M.CC_FPD, "calochallenge_kpd": M.CC_KPD,
-                                 "max_classifier_showers": MAX_CLASSIFIER_SHOWERS}, "timing_s": {}}
+                                 "max_classifier_showers": MAX_CLASSIFIER_SHOWERS,
+                                 "classifier_repeats": M.CLASSIFIER_REPEATS}, "timing_s": {}}
     notes = []
     if ref.detector and gen.detector and ref.detector != gen.detector:
         notes.append(f"the files are of different detectors: reference {ref.detector}, generated {gen.detector}")
@@ -278,12 +279,12 @@ def evaluate(reference, generated, out_dir, metrics=None, detector: str | None =
             value, error = fn(cc[0], cc[1], seed=M.CC_SEED + seed)
             result[name] = {"value": value, "error": error, "definition": DEFINITIONS[name]}
         elif name == "auc_high":
-            result[name] = M.classifier_auc(hl[0], hl[1], seed=seed)
+            result[name] = dict(zip(("value", "error"), M.classifier_auc(hl[0], hl[1], seed=seed)))
         elif name == "auc_low":
             a = _subsample(ref.showers, MAX_CLASSIFIER_SHOWERS, seed)
             b = _subsample(gen.showers, MAX_CLASSIFIER_SHOWERS, seed + 1)
-            result[name] = M.classifier_auc(O.low_level_features(a.showers, a.energy),
-                                            O.low_level_features(b.showers, b.energy), seed=seed)
+            result[name] = dict(zip(("value", "error"), M.classifier_auc(
+                O.low_level_features(a.showers, a.energy), O.low_level_features(b.showers, b.energy), seed=seed)))
         elif name == "coherence":
             result[name] = {role: dict(zip(("value", "error"), M.bootstrap(O.centre_coherence, f, seed)))
                             for role, f in zip(("reference", "generated"), hl)}
