@@ -4,8 +4,10 @@ does at its end, and give its CD student the same net (a student keeps its teach
     python scripts/refit_deposit.py runs/pretrain/model --data data/train --out runs/pretrain/model-refit \
         --cd runs/distill/model --cd-out runs/distill/model-refit
 
-This is how the shipped model, trained before the fit existed, got it; the transformer is left as it is (it never
-sees a drawn deposit in training).
+This is how the shipped model, trained before the fit existed, first got it, and how its net was later fitted on
+a training set with showers at every energy (`calofm data synth --spectrum mixed`; benchmarks/fidelity.md, "The
+lowest energy bin's training showers"); the transformer is left as it is (it never sees a drawn deposit in
+training).
 """
 
 from __future__ import annotations
