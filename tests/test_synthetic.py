@@ -313,7 +313,7 @@ def test_log_uniform_spectrum_fills_every_decade_and_leaves_uniform_as_it_was(tm
         assert f.attrs["energy_spectrum"] == "log-uniform"
 
 
-def test_mixed_spectrum_is_half_uniform_half_log_uniform(tmp_path):
+def test_mixed_spectrum_is_half_uniform_half_log_uniform():
     """par04_siw, 1 GeV-1 TeV, 4,000 showers: `mixed` puts 0.5 ln 4 / ln 1000 + 0.5 x 3 / 999 = 10.2 % below 4 GeV
     (uniform: 0.3 %; binomial error 0.5 %) and 0.5 x 0.5 + 0.5 ln 2 / ln 1000 = 30.0 % above 500 GeV (error 0.7 %)."""
     e = sample_conditions("par04_siw", 4000, np.random.default_rng(4), "mixed")[0]

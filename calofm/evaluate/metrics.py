@@ -368,9 +368,15 @@ def classifier_auc(real, gen, seed: int = 0, *, repeats: int = CLASSIFIER_REPEAT
     aucs, errors = runs[:, 0], runs[:, 1]
     if repeats == 1:
         return float(aucs[0]), float(errors[0])
-    test_fraction = 1 - int(0.6 * n) / n - int(0.2 * n) / n
+    n_train, n_val = _split_sizes(n)
+    test_fraction = (n - n_train - n_val) / n
     error = np.sqrt(aucs.var(ddof=1) / repeats + errors.mean() ** 2 * test_fraction)
     return float(aucs.mean()), float(error)
+
+
+def _split_sizes(n: int) -> tuple[int, int]:
+    """Training and validation showers per class of the 60/20/20 split; the rest are the test split."""
+    return int(0.6 * n), int(0.2 * n)
 
 
 def _split_auc(x_real: np.ndarray, x_gen: np.ndarray, n: int, seed: int, hidden: int, epochs: int, patience: int,
@@ -379,7 +385,7 @@ def _split_auc(x_real: np.ndarray, x_gen: np.ndarray, n: int, seed: int, hidden:
     import torch
 
     rng = np.random.default_rng(seed)
-    n_train, n_val = int(0.6 * n), int(0.2 * n)
+    n_train, n_val = _split_sizes(n)
     splits: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
     for data, label in ((x_real, 1.0), (x_gen, 0.0)):
         idx = rng.permutation(len(data))[:n]
