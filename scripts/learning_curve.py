@@ -38,7 +38,7 @@ def main() -> None:
 
     from calofm.config import load_config
     from calofm.data.formats import open_showers
-    from calofm.evaluate.fidelity import fidelity
+    from calofm.evaluate.fidelity import auc_text, fidelity
     from calofm.generate import generate_showers
     from calofm.hub import load_model
 
@@ -71,7 +71,7 @@ def main() -> None:
         (out / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
         print(f"| {step} | {step * batch:,} | " + " | ".join(
             f"{s['fpd']['value'] * 1e3:.0f} ± {s['fpd']['error'] * 1e3:.0f} / {s['spread_ratio']:.2f} / "
-            f"{s['auc_high']:.3f}" for s in row["detectors"].values()) + " |", flush=True)
+            f"{auc_text(s)}" for s in row["detectors"].values()) + " |", flush=True)
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
@@ -80,7 +80,8 @@ def main() -> None:
         s = [r["detectors"][det] for r in curve]
         ax1.errorbar(x, [v["fpd"]["value"] * 1e3 for v in s], [v["fpd"]["error"] * 1e3 for v in s], label=det,
                      marker="o", capsize=3)
-        ax2.plot(x, [v["auc_high"] for v in s], marker="o", label=det)
+        ax2.errorbar(x, [v["auc_high"] for v in s], [v.get("auc_high_error", 0.0) for v in s], label=det,
+                     marker="o", capsize=3)
     ax1.axhline(20, color="k", ls="--", lw=1, label="goal (paper: 20.1)")
     ax1.set(xlabel="showers seen", ylabel="FPD x1e3 (calofm)", xscale="log", yscale="log",
             title=f"EDM learning curve, {args.n} showers / detector")

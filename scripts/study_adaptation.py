@@ -36,7 +36,7 @@ import torch
 from calofm.config import load_config
 from calofm.data.formats import open_showers
 from calofm.data.synthetic import synthesize
-from calofm.evaluate.fidelity import fidelity
+from calofm.evaluate.fidelity import auc_text, fidelity
 from calofm.generate import generate_showers
 from calofm.geometry import NEW_DETECTOR, PRETRAIN_DETECTORS
 from calofm.hub import load_model
@@ -131,7 +131,7 @@ def score(args, model_dir: Path, test, folder: Path) -> dict:
 def fmt(row: dict) -> str:
     init = row["init"] if row["init"] == "scratch" else f"adapted ({row['mode']})"
     return (f"| {init} | {row['trainable']:,} | {row['n_train']:,} | {row['steps']:,} | {row['lr']:g} | {row['train_s']:.0f} | "
-            f"{row['fpd']['value'] * 1e3:.3g} ± {row['fpd']['error'] * 1e3:.2g} | {row['auc_high']:.3f} | "
+            f"{row['fpd']['value'] * 1e3:.3g} ± {row['fpd']['error'] * 1e3:.2g} | {auc_text(row)} | "
             f"{row['mean_ratio']:.3f} ± {row['mean_ratio_error']:.3f} | "
             f"{row['spread_ratio']:.2f} ± {row['spread_ratio_error']:.2f} |")
 
@@ -151,7 +151,7 @@ def write_outputs(args, rows: list[dict], meta: dict) -> None:
         f"Scored as the shipped model's card (`calofm.evaluate.fidelity`): {args.n_test:,} held-out showers "
         f"(seed 3) and one generated at each one's conditions ({args.sample_steps} Heun steps); training pool "
         f"seed 2. Floor (the first {args.n_test:,} training showers scored as if generated): FPD x1e3 = "
-        f"{floor['fpd']['value'] * 1e3:.2g} ± {floor['fpd']['error'] * 1e3:.1g}, AUC {floor['auc_high']:.3f}.",
+        f"{floor['fpd']['value'] * 1e3:.2g} ± {floor['fpd']['error'] * 1e3:.1g}, AUC {auc_text(floor)}.",
         "",
         f"Machine: {meta['machine']}, {meta['threads']} torch thread(s) per run; {meta['compute_s'] / 60:.0f} min "
         "of training and generation in all (other jobs shared the cores, so times are indicative).",
@@ -224,7 +224,7 @@ def main() -> None:
                **score(args, model_dir, test, args.work / "eval" / key)}
         atomic_write_text(cache / f"{key}.json", json.dumps(row))
         print(f"{key}: train {train_s:.0f} s, FPD x1e3 = {row['fpd']['value'] * 1e3:.3g} ± "
-              f"{row['fpd']['error'] * 1e3:.2g}, AUC {row['auc_high']:.3f}", flush=True)
+              f"{row['fpd']['error'] * 1e3:.2g}, AUC {auc_text(row)}", flush=True)
 
     rows = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json")) if p.stem != "floor"]
     meta = {"floor": json.loads((cache / "floor.json").read_text()), "threads": torch.get_num_threads(),

@@ -56,7 +56,7 @@ def table(summary: dict[str, dict], goals: dict | None = None, teacher: dict[str
             fpd += f" ({s['fpd']['value'] / teacher[d]['fpd']['value']:.2g}x EDM)"
         rows.append(f"| {d} | {s['n']:,} | {s['mean_ratio']:.3f} ± {s['mean_ratio_error']:.3f} | "
                     f"{s['spread_ratio']:.2f} ± {s['spread_ratio_error']:.2f} | {fpd} | "
-                    f"{s['fpd_cc']['value'] * 1e3:.3g} ± {s['fpd_cc']['error'] * 1e3:.2g} | {_auc(s)} | "
+                    f"{s['fpd_cc']['value'] * 1e3:.3g} ± {s['fpd_cc']['error'] * 1e3:.2g} | {auc_text(s)} | "
                     f"{_coherence(s)} |" + (f" [report]({links[d]}) |" if links else ""))
     if goals:
         fpd_goal = (f"<= {goals['fpd_vs_teacher']:g}x the EDM teacher's" if "fpd_vs_teacher" in goals
@@ -67,7 +67,7 @@ def table(summary: dict[str, dict], goals: dict | None = None, teacher: dict[str
     return head + "\n".join(rows) + "\n"
 
 
-def _auc(row: dict) -> str:
+def auc_text(row: dict) -> str:
     """"value ± error" of a row's classifier AUC; the value alone for rows scored before its error was."""
     return f"{row['auc_high']:.3f}" + (f" ± {row['auc_high_error']:.3f}" if "auc_high_error" in row else "")
 
