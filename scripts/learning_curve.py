@@ -4,8 +4,8 @@ seen, on one fixed held-out file per detector (benchmarks/fidelity.md).
     python scripts/learning_curve.py runs/pretrain --reference data/test --n 300 --out study/curve
 
 Each checkpoint's EMA weights (`ema_0.safetensors`, `calofm.train.checkpoint`) go into the run's final model config; `calofm.evaluate.
-fidelity` scores them (EDM, the model's own sampler). Writes curve.json and curve.png (FPD and the worst spread
-ratio against showers seen) and prints a markdown table.
+fidelity` scores them (EDM, the model's own sampler). Writes curve.json and curve.png (the FPD and the classifier
+AUC, each with its error, against showers seen) and prints a markdown table (FPD / worst spread ratio / AUC).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
         s = [r["detectors"][det] for r in curve]
         ax1.errorbar(x, [v["fpd"]["value"] * 1e3 for v in s], [v["fpd"]["error"] * 1e3 for v in s], label=det,
                      marker="o", capsize=3)
-        ax2.errorbar(x, [v["auc_high"] for v in s], [v.get("auc_high_error", 0.0) for v in s], label=det,
+        ax2.errorbar(x, [v["auc_high"] for v in s], [v["auc_high_error"] for v in s], label=det,
                      marker="o", capsize=3)
     ax1.axhline(20, color="k", ls="--", lw=1, label="goal (paper: 20.1)")
     ax1.set(xlabel="showers seen", ylabel="FPD x1e3 (calofm)", xscale="log", yscale="log",
