@@ -159,9 +159,12 @@ class DistillConfig:
     student_depth: int | None = None   # None: the teacher's; fewer: a depth-pruned student (distill.pruned_blocks)
     distance: str = "pseudo_huber"     # | l2 (Song et al.'s): consistency.cd_distance; benchmarks/distillation.md
     weighting: str = "uniform"         # uniform | inverse_dt: lambda(t_n) (consistency.cd_weight)
+    weights: str = "target"            # what is saved: the target network (the paper's) | ema: a power-decay EMA of
+                                       # the student (train.ema_max / ema_power), as Song et al.'s code samples
 
     def __post_init__(self):
-        for key, allowed in (("distance", ("l2", "pseudo_huber")), ("weighting", ("uniform", "inverse_dt"))):
+        for key, allowed in (("distance", ("l2", "pseudo_huber")), ("weighting", ("uniform", "inverse_dt")),
+                             ("weights", ("target", "ema"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"distill.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
 

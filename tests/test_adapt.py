@@ -116,8 +116,8 @@ def test_lora_trains_only_adapters_and_the_slot_layer(pretrained):
 def test_lora_adapt_cli_merged_equals_base_plus_adapter_and_generates(pretrained, data_dir, tmp_path):
     from peft import PeftModel
 
-    out = tmp_path / "lora"
-    sets = [a for s in [*FAST, "adapt.n_train=40"] for a in ("--set", s)]
+    out = tmp_path / "lora"  # the CD stage saves the student's EMA (distill.weights=ema): a deep copy of the peft model
+    sets = [a for s in [*FAST, "adapt.n_train=40", "distill.weights=ema"] for a in ("--set", s)]
     res = CliRunner().invoke(app, ["adapt", "--pretrained", str(pretrained), "--detector", "fccee_allegro",
                                    "--data", str(data_dir / "fccee_allegro.h5"), "--mode", "lora",
                                    "--out", str(out), *sets])
@@ -132,6 +132,7 @@ def test_lora_adapt_cli_merged_equals_base_plus_adapter_and_generates(pretrained
         assert {k: prov[k] for k in ("detector", "mode", "n_train", "base_model")} == {
             "detector": "fccee_allegro", "mode": "lora", "n_train": 40, "base_model": str(pretrained / stage)}
         assert prov["steps"] == (3 if stage == "edm" else 2) and prov["data"].endswith("fccee_allegro.h5")
+        assert stage == "edm" or prov["weights"].startswith("power-decay EMA of the student")
         assert (out / "adapters" / stage / "adapter_model.safetensors").is_file()
         with_adapter = PeftModel.from_pretrained(load_model(pretrained / stage), out / "adapters" / stage)
         merged_out = outputs(adapted, 3)

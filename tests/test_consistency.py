@@ -205,6 +205,28 @@ def test_resume_equals_uninterrupted_run(distilled, data_dir, tiny_edm, tmp_path
         assert torch.equal(a[k], b[k]), k
 
 
+def test_weights_ema_saves_the_students_power_ema_and_resumes_exactly(data_dir, tiny_edm, tmp_path):
+    """distill.weights=ema: the run trains the same student (the saved EMA is not the target of the same run), its
+    provenance says which weights it holds, and a run resumed from its step-10 checkpoint saves the same EMA."""
+    with pytest.raises(ValueError, match="distill.weights must be one of target, ema, got 'student'"):
+        load_config(RECIPE, ["distill.weights=student"])
+    runs = {w: distill(distill_cfg(data_dir, tiny_edm, tmp_path / w, 20, **{"distill.weights": w,
+                                                                           "train.checkpoint_every": 10}))
+            for w in ("target", "ema")}
+    losses = {w: [json.loads(line)["loss"] for line in (out.parent / "metrics.jsonl").read_text().splitlines()]
+              for w, out in runs.items()}
+    assert losses["target"] == losses["ema"]  # one student trained: only what is saved differs
+    ema, target = (CaloDiT.from_pretrained(runs[w]) for w in ("ema", "target"))
+    assert ema.provenance["weights"].startswith("power-decay EMA of the student")
+    assert any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), target.state_dict().values()))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["ema"].parent / "checkpoints" / "step_0000010", resumed / "checkpoints" / "step_0000010")
+    out = distill(distill_cfg(data_dir, tiny_edm, resumed, 20, **{"distill.weights": "ema",
+                                                                  "train.checkpoint_every": 10}), resume=True)
+    for k, v in CaloDiT.from_pretrained(out).state_dict().items():
+        assert torch.equal(v, ema.state_dict()[k]), k
+
+
 def test_distill_refuses_a_missing_or_non_edm_teacher(distilled, data_dir, tmp_path):
     with pytest.raises(ValueError, match="distill.teacher is not set"):
         distill(distill_cfg(data_dir, "", tmp_path / "a", 2))

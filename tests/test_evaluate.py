@@ -23,6 +23,7 @@ from calofm.evaluate.metrics import (
     classifier_auc,
     fpd,
     fpd_calochallenge,
+    fpd_difference,
     frechet_distance,
     kpd,
     kpd_calochallenge,
@@ -211,6 +212,40 @@ def test_fpd_kpd_agree_with_jetnet(case):
     assert fpd(x, y, min_samples=2000, max_samples=5000)[1] > error  # the sample error only adds
     value, error = kpd(x, y, batch_size=2000)
     assert abs(value - ref["kpd"][0]) < 2 * math.hypot(error, ref["kpd"][1])
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_fpd_difference_is_calibrated_and_tighter_than_two_errors(coupled):
+    """Two generated samples unlike the reference, independent or made row by row from the same draws (as two
+    models from one noise seed): over 16 sets of samples the difference scatters as its error says (without the
+    disjoint-halves term it would claim far less), and that error is below the two FPD errors in quadrature, far
+    below where the rows are coupled (an unpaired estimate would equal them). Bounded features: the max-|value|
+    normalisation of a fixed reference file does not move, which the error assumes (tail-heavy references
+    scatter the scale itself)."""
+    diffs, paired, quadrature = [], [], []
+    for k in range(16):
+        r = np.random.default_rng(k)
+        x, a, b = r.beta(2.0, 5.0, (2000, 8)), *(0.03 + 1.1 * r.beta(2.0, 5.0, (2000, 8)) for _ in "ab")
+        if coupled:
+            b = 1.03 * a + 0.02 * r.normal(size=a.shape)
+        value, error = fpd_difference(x, a, b, seed=k, num_batches=10)
+        (fa, ea), (fb, eb) = fpd(x, a, seed=k, num_batches=10), fpd(x, b, seed=k, num_batches=10)
+        diffs.append(value), paired.append(error), quadrature.append(math.hypot(ea, eb))
+        assert abs(value - (fa - fb)) < 2 * math.hypot(error, quadrature[-1])  # other batches: within both errors
+    scatter, error = np.std(diffs, ddof=1), np.median(paired)
+    assert 0.7 < scatter / error < 1.4, (scatter, error)
+    assert error < (0.3 if coupled else 0.8) * np.median(quadrature), (error, np.median(quadrature))
+
+
+def test_fpd_difference_factor_and_identical_samples():
+    r = np.random.default_rng(0)
+    x, near, far = r.normal(size=(2000, 6)), r.normal(0.1, 1.0, (2000, 6)), r.normal(0.5, 1.2, (2000, 6))
+    assert fpd_difference(x, near, near) == (0.0, 0.0)  # one sample twice: the same rows, every term cancels
+    value, error = fpd_difference(x, far, near, factor=3.0)
+    (f_far, e_far), (f_near, e_near) = fpd(x, far), fpd(x, near)
+    assert value > 10 * error and abs(value - (f_far - 3 * f_near)) < 3 * math.hypot(e_far, 3 * e_near)
+    with pytest.raises(ValueError, match="differ in size"):
+        fpd_difference(x, far, near[:1000])
 
 
 # Computed once with the fpd and kpd of jetnet 0.2.5's jetnet/evaluation/gen_metrics.py, taken from the PyPI

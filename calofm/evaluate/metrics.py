@@ -14,8 +14,9 @@ without replacement (a batch with repeated showers is not an independent sample:
 extrapolated FPD of two samples of one distribution stays above zero and the "unbiased" MMD^2 is biased up);
 batch sizes are capped (FPD's largest batch at the smaller sample, keeping jetnet's min/max ratio of 0.4, KPD's
 batch at half the smaller sample so that batches differ); and FPD's error also counts the fluctuation of the
-two samples themselves (see `fpd`). For samples much larger than the batches the values are jetnet's, which
-tests/test_evaluate.py checks against numbers computed with jetnet itself.
+two samples themselves (see `fpd`). `fpd_difference` scores two generated samples against one reference with the
+error of their difference, from which the reference's own fluctuation cancels. For samples much larger than the
+batches the values are jetnet's, which tests/test_evaluate.py checks against numbers computed with jetnet itself.
 
 `fpd_calochallenge` and `kpd_calochallenge` are instead the CaloChallenge evaluation's FPD and KPD, without
 those differences: jetnet 0.2.5's estimators with its defaults and the CaloChallenge's arguments, batches drawn
@@ -148,29 +149,64 @@ def fpd(real_feats, gen_feats, seed: int = 0, *, min_samples: int = 20_000, max_
     x, y = _pair(real_feats, gen_feats)
     if normalise:
         x, y = normalise_features(x, y)
-    n_max = min(max_samples, len(x), len(y))
-    n_min = max(2, min(min_samples, round(n_max * min_samples / max_samples)))
-    sizes = (1.0 / np.linspace(1.0 / n_min, 1.0 / n_max, num_points)).astype(np.int64)
     with threadpool_limits(**ONE_BLAS_THREAD):
-        return _fpd(x, y, sizes, np.random.default_rng(seed), num_batches, sample_error)
+        return _fpd(x, [y], [1.0], _fpd_sizes(len(x), len(y), min_samples, max_samples, num_points),
+                    np.random.default_rng(seed), num_batches, sample_error)
 
 
-def _fpd(x: np.ndarray, y: np.ndarray, sizes: np.ndarray, rng: np.random.Generator, num_batches: int,
-         sample_error: bool) -> tuple[float, float]:
-    """The batch loop, fit and errors of `fpd` on normalised features."""
+def fpd_difference(real_feats, gen_a, gen_b, seed: int = 0, *, factor: float = 1.0, min_samples: int = 20_000,
+                   max_samples: int = 50_000, num_batches: int = 20, num_points: int = 10) -> tuple[float, float]:
+    """FPD(real, a) - factor x FPD(real, b) and its error, the two scored against one reference sample.
+
+    Row i of `gen_a` and of `gen_b` are taken together in every batch and half: two models generated from one seed
+    at one list of conditions (as `calofm generate` and the cards do) make much the same shower from the same
+    noise, so most of the generated samples' fluctuation, which dominates `fpd`'s error, is common to both
+    FPDs and cancels from their difference, as does the reference's (one set of reference showers a batch). For
+    unrelated samples the pairing costs nothing. The extrapolation and the disjoint-halves sample error are
+    those of the difference itself. `factor` = 3 tests "a within 3x of b" (a distilled model against its
+    teacher) as the sign of FPD(a) - 3 FPD(b). Features are normalised by the reference, as in `fpd`.
+    """
+    x, a = _pair(real_feats, gen_a)
+    b = _pair(x, gen_b)[1]
+    if len(a) != len(b):
+        raise ValueError(f"the two generated samples differ in size: {len(a)} vs {len(b)} showers")
+    (xn, a), b = normalise_features(x, a), normalise_features(x, b)[1]
+    with threadpool_limits(**ONE_BLAS_THREAD):
+        return _fpd(xn, [a, b], [1.0, -factor], _fpd_sizes(len(x), len(a), min_samples, max_samples, num_points),
+                    np.random.default_rng(seed), num_batches, sample_error=True)
+
+
+def _fpd_sizes(n_real: int, n_gen: int, min_samples: int, max_samples: int, num_points: int) -> np.ndarray:
+    """The batch sizes N of `fpd`, regular in 1/N, the largest capped at the smaller sample."""
+    n_max = min(max_samples, n_real, n_gen)
+    n_min = max(2, min(min_samples, round(n_max * min_samples / max_samples)))
+    return (1.0 / np.linspace(1.0 / n_min, 1.0 / n_max, num_points)).astype(np.int64)
+
+
+def _fpd(x: np.ndarray, ys: list[np.ndarray], weights: list[float], sizes: np.ndarray, rng: np.random.Generator,
+         num_batches: int, sample_error: bool) -> tuple[float, float]:
+    """The batch loop, fit and errors of sum_i w_i FD(x, y_i) on normalised features, every term on the same
+    reference rows and the same rows of the equally long y_i: `fpd` (one sample, w = 1) and `fpd_difference`.
+    The fit's intercept and slope are bounded at >= 0 (as jetnet's) when every w_i is, as a sum of distances
+    cannot be negative; a difference can."""
+    def combined(ix, iy) -> float:
+        return sum(w * _sample_fd(x[ix], y[iy]) for w, y in zip(weights, ys))
+
     means = []
     for n in tqdm(sizes, desc="FPD", unit="N", leave=False):
-        means.append(np.mean([_sample_fd(x[rng.choice(len(x), size=n, replace=False)],
-                                         y[rng.choice(len(y), size=n, replace=False)])
-                              for _ in range(num_batches)]))
-    params, cov = curve_fit(_linear, 1.0 / sizes, means, bounds=([0.0, 0.0], [np.inf, np.inf]))
+        means.append(np.mean([combined(rng.choice(len(x), size=n, replace=False),
+                                       rng.choice(len(ys[0]), size=n, replace=False)) for _ in range(num_batches)]))
+    if not np.any(means):  # every batch scored exactly 0: one sample twice in a difference
+        return 0.0, 0.0
+    bounds = ([0.0, 0.0], [np.inf, np.inf]) if min(weights) >= 0 else (-np.inf, np.inf)
+    params, cov = curve_fit(_linear, 1.0 / sizes, means, bounds=bounds)
     error = float(np.sqrt(cov[0, 0]))
     if sample_error:
-        hx, hy = len(x) // 2, len(y) // 2
+        hx, hy = len(x) // 2, len(ys[0]) // 2
         diffs = []
         for _ in range(num_batches):
-            px, py = rng.permutation(len(x)), rng.permutation(len(y))
-            diffs.append(_sample_fd(x[px[:hx]], y[py[:hy]]) - _sample_fd(x[px[hx:2 * hx]], y[py[hy:2 * hy]]))
+            px, py = rng.permutation(len(x)), rng.permutation(len(ys[0]))
+            diffs.append(combined(px[:hx], py[:hy]) - combined(px[hx:2 * hx], py[hy:2 * hy]))
         var_half = np.mean(np.square(diffs)) / 2.0
         error = float(np.sqrt(error**2 + var_half / 2.0))
     return float(params[0]), error

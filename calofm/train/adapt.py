@@ -41,7 +41,7 @@ from calofm.models.dit import CaloDiT
 from calofm.particles import particle_code
 from calofm.pretrained import shipped_root
 from calofm.train.deposit import refit_deposit
-from calofm.train.distill import CDObjective, cd_sampler, student_from
+from calofm.train.distill import CDObjective, cd_sampler, saved_network, student_from, weights_note
 from calofm.train.loop import make_accelerator, save_model, train
 from calofm.train.pretrain import PretrainObjective, training_params
 
@@ -229,7 +229,7 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         cd_provenance = {**provenance, "base_model": cd_ref or edm_ref, "stage": "adapt-cd",
                          "steps": stage.train.steps, "teacher": str(edm_dir),
                          "distance": cfg.distill.distance, "weighting": cfg.distill.weighting,
-                         "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
+                         "weights": weights_note(cfg), "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
         if base_cd is not None:
             transfer = a.cd_transfer and a.mode != "lora"  # a LoRA adapter must load onto the pretrained CD itself
             if transfer:
@@ -250,9 +250,9 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         net.to(accelerator.device)
         objective = CDObjective(edm, net, cfg.distill.n_boundaries, cfg.distill.mu, sampler_params(edm),
                                 cfg.distill.distance, cfg.distill.weighting)
-        train(stage, net, objective, files, normalizer, accelerator=accelerator, resume=resume, use_ema=False,
-              desc=f"adapt CD ({a.mode})")
-        finish(objective.target.model, cd_dir, out / "adapters" / "cd", accelerator.is_main_process)
+        trained = train(stage, net, objective, files, normalizer, accelerator=accelerator, resume=resume,
+                        use_ema=cfg.distill.weights == "ema", desc=f"adapt CD ({a.mode})")
+        finish(saved_network(cfg, objective, trained), cd_dir, out / "adapters" / "cd", accelerator.is_main_process)
         accelerator.wait_for_everyone()
     return out
 

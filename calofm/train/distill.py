@@ -6,8 +6,9 @@ student keeps the teacher's parametrisation (a velocity at t) under the boundary
 
 Three networks of one architecture: the frozen teacher, the student (initialised from the teacher, trained by
 the shared loop) and the target, an EMA of the student with constant mu. As in the paper, the teacher is
-"distilled into the target model": the target is what is saved. The loop's own stability EMA is off (the paper
-keeps only these three networks); the target is registered for checkpointing, so a resumed run is exact.
+"distilled into the target model": the target is what is saved, and the loop's own stability EMA is off (the paper
+keeps only these three networks). `distill.weights: ema` saves instead that EMA of the student (its power-decay
+ramp, `train.ema_max`), as Song et al.'s code samples. Both are registered for checkpointing: a resumed run is exact.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ class CDObjective:
         return [self.target.model]
 
 
+def weights_note(cfg: RunConfig) -> str:
+    """What a consistency model's saved weights are (`distill.weights`), for its provenance."""
+    if cfg.distill.weights == "ema":
+        return f"power-decay EMA of the student (max {cfg.train.ema_max}, power {cfg.train.ema_power})"
+    return f"target network (EMA of the student, mu {cfg.distill.mu})"
+
+
+def saved_network(cfg: RunConfig, objective: CDObjective, trained: nn.Module) -> nn.Module:
+    """The network a CD run saves: the target, or with `distill.weights: ema` what the loop returned (its EMA)."""
+    return trained if cfg.distill.weights == "ema" else objective.target.model
+
+
 def pruned_blocks(depth: int, keep: int) -> list[int]:
     """The teacher blocks a `keep`-block student starts from: every (depth / keep)-th, as DistilBERT takes every
     other layer of BERT (6 -> 3: 0, 2, 4; 2 -> 1: 0). The embeddings, final layer and deposit net are all kept."""
@@ -115,17 +128,17 @@ def distill(cfg: RunConfig, resume: bool = False) -> Path:
         "stage": "distill", "teacher": str(d.teacher), "teacher_provenance": teacher.provenance,
         "detectors": detectors, "steps": cfg.train.steps, "n_boundaries": d.n_boundaries, "mu": d.mu,
         "distance": d.distance, "weighting": d.weighting,
-        "weights": "target network (EMA of the student)", "data": str(cfg.data.dir),
+        "weights": weights_note(cfg), "data": str(cfg.data.dir),
         **({"student_blocks": pruned_blocks(teacher.depth, d.student_depth)} if d.student_depth else {})})
     teacher.to(accelerator.device)
     student.to(accelerator.device)
     objective = CDObjective(teacher, student, d.n_boundaries, d.mu, params, d.distance, d.weighting)
     if resume and latest_checkpoint(cfg.output_dir) is None:
         accelerator.print(f"no checkpoint in {cfg.output_dir}; starting from step 0")
-    train(cfg, student, objective, files, Normalizer.from_dict(teacher.normalizer), accelerator=accelerator,
-          resume=resume, use_ema=False, desc="distill")
+    trained = train(cfg, student, objective, files, Normalizer.from_dict(teacher.normalizer),
+                    accelerator=accelerator, resume=resume, use_ema=d.weights == "ema", desc="distill")
     out = Path(cfg.output_dir) / "model"
     if accelerator.is_main_process:
-        save_model(objective.target.model, out)
+        save_model(saved_network(cfg, objective, trained), out)
     accelerator.wait_for_everyone()
     return out
