@@ -15,8 +15,9 @@ extrapolated FPD of two samples of one distribution stays above zero and the "un
 batch sizes are capped (FPD's largest batch at the smaller sample, keeping jetnet's min/max ratio of 0.4, KPD's
 batch at half the smaller sample so that batches differ); and FPD's error also counts the fluctuation of the
 two samples themselves (see `fpd`). `fpd_difference` scores two generated samples against one reference with the
-error of their difference, from which the reference's own fluctuation cancels. For samples much larger than the
-batches the values are jetnet's, which tests/test_evaluate.py checks against numbers computed with jetnet itself.
+error of their difference, from which what they share cancels (the reference's fluctuation, and their own where
+they come from one noise seed). For samples much larger than the batches the values are jetnet's, which
+tests/test_evaluate.py checks against numbers computed with jetnet itself.
 
 `fpd_calochallenge` and `kpd_calochallenge` are instead the CaloChallenge evaluation's FPD and KPD, without
 those differences: jetnet 0.2.5's estimators with its defaults and the CaloChallenge's arguments, batches drawn
