@@ -62,7 +62,7 @@ def main() -> None:
             if folder:
                 with open_showers(Path(folder) / f"{det}.h5") as f:
                     gen = f.read(0, min(args.n, len(f)))
-                if not (np.array_equal(gen.energy, ref.energy) and np.array_equal(gen.theta, ref.theta)):
+                if not all(np.array_equal(getattr(gen, c), getattr(ref, c)) for c in ("energy", "theta", "phi")):
                     raise SystemExit(f"{folder}/{det}.h5: its conditions are not the reference's first {len(ref)} "
                                      f"(generate it with --conditions {args.reference}/{det}.h5)")
             else:

@@ -116,7 +116,7 @@ def test_lora_trains_only_adapters_and_the_slot_layer(pretrained):
 def test_lora_adapt_cli_merged_equals_base_plus_adapter_and_generates(pretrained, data_dir, tmp_path):
     from peft import PeftModel
 
-    out = tmp_path / "lora"  # the CD stage saves the student's EMA (distill.weights=ema): a deep copy of the peft model
+    out = tmp_path / "lora"  # its CD stage saves the student's EMA (distill.weights=ema), a copy of the peft model
     sets = [a for s in [*FAST, "adapt.n_train=40", "distill.weights=ema"] for a in ("--set", s)]
     res = CliRunner().invoke(app, ["adapt", "--pretrained", str(pretrained), "--detector", "fccee_allegro",
                                    "--data", str(data_dir / "fccee_allegro.h5"), "--mode", "lora",

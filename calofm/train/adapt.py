@@ -229,7 +229,8 @@ def adapt(cfg: RunConfig, resume: bool = False) -> Path:
         cd_provenance = {**provenance, "base_model": cd_ref or edm_ref, "stage": "adapt-cd",
                          "steps": stage.train.steps, "teacher": str(edm_dir),
                          "distance": cfg.distill.distance, "weighting": cfg.distill.weighting,
-                         "weights": weights_note(cfg), "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
+                         "weights": weights_note(cfg),
+                         "student_init": cd_ref or "the adapted EDM (no pretrained CD model given)"}
         if base_cd is not None:
             transfer = a.cd_transfer and a.mode != "lora"  # a LoRA adapter must load onto the pretrained CD itself
             if transfer:
